@@ -1,0 +1,1 @@
+"""One module per `lowbit` subcommand; see lowbit/cli.py."""
