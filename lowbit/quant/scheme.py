@@ -21,6 +21,7 @@ class Scheme:
     group_size: int | None = None  # group: elements per scale along K (nvfp4: 16)
     block: tuple[int, int] | None = None  # block granularity: (rows, cols), e.g. (128, 128)
     symmetric: bool = True  # False: int weights carry zero points
+    packed: bool = False  # compressed-tensors pack-quantized: ints packed into int32 words (W4A16/W8A16)
     activation: str = "none"  # one of ACTIVATION_FORMATS
     act_dynamic: bool = False  # True: scales computed at run time (per token / per block)
     act_granularity: str | None = None  # tensor | token | group
