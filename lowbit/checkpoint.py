@@ -105,7 +105,13 @@ class Checkpoint:
                     f"({sum(len(files[m]) for m in missing)} tensors); re-download the checkpoint"
                 )
         else:
-            found = sorted(p.name for p in self.path.glob("*.safetensors"))
+            # model.safetensors, or model-0000i-of-0000n.safetensors; other *.safetensors files in the
+            # folder (e.g. reference outputs) are not part of the model
+            if (self.path / "model.safetensors").exists():
+                found = ["model.safetensors"]
+            else:
+                found = sorted(p.name for p in self.path.glob("model-*-of-*.safetensors")) or \
+                    sorted(p.name for p in self.path.glob("*.safetensors"))
             if not found:
                 raise LowbitError(f"{self.path}: no *.safetensors files (only safetensors checkpoints are supported)")
             files = {f: None for f in found}

@@ -1,0 +1,200 @@
+"""Strict loading: build the model from a resolution and fill it from the checkpoint.
+
+Rules (issue 2): every checkpoint tensor is consumed by exactly one parameter or skipped with a
+reported reason; every parameter and scale slot is written exactly once (parameters start poisoned
+and are verified after loading). All violations are collected and raised together.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .checkpoint import ST_DTYPES, TORCH_TO_ST, Checkpoint
+from .errors import CheckpointError
+from .models import model_class
+from .quant.base import LinearGroup, LinearSpec, QLinear, RunOptions, TensorSpec
+from .quant.methods import method_class
+from .quant.resolve import LayerPlan, QuantPlan
+
+FLOAT_ST = ("BF16", "F16", "F32", "F64")
+
+
+@dataclass
+class LoadReport:
+    skipped: dict[str, str] = field(default_factory=dict)  # on-disk tensor -> reason
+    notes: list[str] = field(default_factory=list)
+    tensors_read: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Target:
+    layer: QLinear
+    shard: int | None  # shard index inside the QLinear, None = all (fused on disk)
+    plan: LayerPlan
+
+
+def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_size=1):
+    """One LinearGroup per slot; returns (name -> group, on-disk module name -> target)."""
+    groups: dict[str, nn.Module] = {}
+    targets: dict[str, _Target] = {}
+    for slot in plan.slots:
+        parts = []
+        for group in plan.slot_parts(slot):
+            fused_on_disk = group[0].shard is None and len(slot.shards) > 1
+            sizes = slot.shard_sizes if fused_on_disk else tuple(slot.shard_sizes[p.shard or 0] for p in group)
+            name = slot.fused_name if len(group) == len(slot.shards) or fused_on_disk else \
+                "+".join(p.name for p in group)
+            spec = LinearSpec(name, slot.in_features, sizes, slot.bias, slot.parallel, tp_rank, tp_size)
+            scheme = group[0].scheme
+            layer = QLinear(method_class(scheme)(scheme, spec, dtype, options))
+            parts.append(layer)
+            for i, p in enumerate(group):
+                targets[p.name] = _Target(layer, None if fused_on_disk else (i if len(sizes) > 1 else None), p)
+        if not parts:
+            raise CheckpointError([f"{slot.fused_name}: no tensors for this projection "
+                                   f"(expected {' / '.join(slot.shards)} or {slot.fused_name})"])
+        groups[slot.fused_name] = LinearGroup(parts)
+    return groups, targets
+
+
+def _check(name: str, t_dtype: str, t_shape: tuple, spec: TensorSpec, where: str) -> str | None:
+    ok_dtype = t_dtype in FLOAT_ST if spec.dtype == "float" else t_dtype == spec.dtype
+    if spec.shape is None:
+        ok_shape = len(t_shape) <= 1 and all(d == 1 for d in t_shape)
+        want_shape = "[] or [1]"
+    else:
+        ok_shape = tuple(t_shape) == tuple(spec.shape)
+        want_shape = str(list(spec.shape))
+    if ok_dtype and ok_shape:
+        return None
+    want_dtype = "a float dtype" if spec.dtype == "float" else spec.dtype
+    return (f"{name} ({where}): expected {want_dtype} {want_shape}, found {t_dtype} {list(t_shape)}")
+
+
+def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOptions,
+               tp_rank: int = 0, tp_size: int = 1, progress: bool = True):
+    t0 = time.perf_counter()
+    cfg = plan.model
+    if plan.problems and not options.trust_tensors:
+        raise CheckpointError([str(p) for p in plan.problems],
+                              header=f"{ckpt.path}: config and tensors disagree (pass trust_tensors=True / "
+                                     f"--trust-tensors to resolve from the tensors)")
+    report = LoadReport(skipped=dict(plan.skipped), notes=list(plan.notes))
+    with torch.device(device):
+        linears, targets = build_linears(plan, dtype, options, tp_rank, tp_size)
+        model = model_class(cfg)(cfg, linears, dtype, tp_size)
+    linear_params = {id(p) for g in linears.values() for p in g.parameters()}
+    plain = {n: p for n, p in model.named_parameters() if id(p) not in linear_params}
+
+    violations: list[str] = []
+    written: set[tuple] = set()
+    jobs: list[tuple[str, callable]] = []  # (on-disk name, writer)
+
+    # projections: every role of every on-disk module
+    for mod_name, target in targets.items():
+        spec = target.layer.spec
+        out_rows = (spec.out_features if target.shard is None
+                    else spec.shard_sizes[target.shard])
+        expected = target.layer.method.disk_tensors(out_rows, spec.in_features)
+        for role, tname in target.plan.tensors.items():
+            tspec = expected.get(role)
+            info = ckpt.tensors[tname]
+            if tspec is None:
+                violations.append(f"{tname}: unexpected tensor for {mod_name} "
+                                  f"({target.layer.method.scheme.label()} expects {', '.join(sorted(expected))})")
+                continue
+            bad = _check(tname, info.dtype, info.shape, tspec, f"{mod_name}, {target.layer.method.scheme.label()}")
+            if bad:
+                violations.append(bad)
+                continue
+            jobs.append((tname, lambda t, tg=target, r=role: tg.layer.method.load(tg.layer, r, t, tg.shard)))
+        for role, tspec in expected.items():
+            if not tspec.optional and role not in target.plan.tensors:
+                violations.append(f"{mod_name}.{role}: missing ({target.layer.method.scheme.label()} needs "
+                                  f"{tspec.dtype} {list(tspec.shape) if tspec.shape else '[]'})")
+
+    for mod_name in plan.layers:
+        if mod_name not in targets:
+            violations.append(f"{mod_name}: stored both fused and split on disk; only one layout may be present")
+
+    # embeddings, norms, q/k norms
+    for canon, tname in plan.params.items():
+        p = plain.get(canon)
+        info = ckpt.tensors[tname]
+        if p is None:
+            violations.append(f"{tname}: unexpected tensor (no parameter {canon} in {cfg.architecture})")
+            continue
+        want_shape = _local_param_shape(canon, p)
+        bad = _check(tname, info.dtype, info.shape, TensorSpec("float", want_shape), canon)
+        if bad:
+            violations.append(bad)
+            continue
+        jobs.append((tname, lambda t, p=p, c=canon: _write_param(p, t, c, tp_rank, tp_size)))
+        written.add(canon)
+    for canon in plain:
+        if canon not in written:
+            violations.append(f"{canon}: missing from the checkpoint (expected {list(plain[canon].shape)})")
+
+    # FP8 KV-cache scales
+    kv_fp8 = plan.kv_cache == "fp8" and options.kv_cache != "bf16"
+    if plan.kv_cache == "fp8" and not kv_fp8:
+        report.notes.append("FP8 KV cache in the checkpoint; kept in the compute dtype (kv_cache='bf16')")
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for kind in ("k_scale", "v_scale"):
+            key = f"model.layers.{attn.layer_idx}.self_attn.{kind}"
+            tname = plan.kv_scales.get(key)
+            if tname is None:
+                if plan.kv_cache == "fp8":
+                    violations.append(f"{key}: missing (the config declares an FP8 KV cache)")
+                continue
+            if not kv_fp8:
+                report.skipped[tname] = "FP8 KV-cache scale unused: cache kept in the compute dtype"
+                continue
+            jobs.append((tname, lambda t, a=attn, k=kind: setattr(a, k, t.reshape(()).float().to(device))))
+
+    if violations:
+        raise CheckpointError(violations, header=f"{ckpt.path} does not load")
+
+    bar = None
+    total = sum(ckpt.tensors[n].nbytes for n, _ in jobs)
+    if progress and total > 256 * 2**20:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, leave=False)
+    for tname, write in jobs:
+        t = ckpt.read(tname)
+        note = write(t)
+        if note:
+            report.notes.append(f"{tname}: {note}")
+        report.tensors_read += 1
+        report.bytes_read += ckpt.tensors[tname].nbytes
+        if bar:
+            bar.update(ckpt.tensors[tname].nbytes)
+    if bar:
+        bar.close()
+
+    for g in linears.values():
+        for part in g.parts:
+            report.notes += [f"{part.spec.name}: {n}" for n in part.method.finalize(part) or []]
+    poisoned = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype.itemsize > 1
+                and torch.isnan(p).any()]
+    if poisoned:
+        raise CheckpointError([f"{n}: not (fully) written by the checkpoint" for n in poisoned],
+                              header=f"{ckpt.path} does not load")
+    report.seconds = time.perf_counter() - t0
+    return model, report
+
+
+def _local_param_shape(canon: str, p: torch.Tensor) -> tuple:
+    return tuple(p.shape)
+
+
+def _write_param(p: torch.Tensor, t: torch.Tensor, canon: str, tp_rank: int, tp_size: int):
+    p.data.copy_(t.to(p.dtype))
+    return None

@@ -1,0 +1,117 @@
+"""The public `Model`: a loaded checkpoint with its tokenizer, `logits` and `generate`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import parse_dtype
+from .errors import LowbitError
+from .loader import LoadReport, load_model
+from .quant.base import RunOptions
+from .quant.resolve import QuantPlan, resolve
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Model:
+    def __init__(self, net: torch.nn.Module, plan: QuantPlan, report: LoadReport, path: Path,
+                 device: torch.device, dtype: torch.dtype, options: RunOptions):
+        self.net, self.plan, self.report, self.path = net, plan, report, path
+        self.config = plan.model
+        self.device, self.dtype, self.options = device, dtype, options
+        self._tokenizer = None
+
+    # ---------------------------------------------------------------- tokenizer
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            except (OSError, ValueError) as e:
+                raise LowbitError(f"{self.path}: no usable tokenizer ({str(e).splitlines()[0]}); "
+                                  f"pass token ids instead of text") from None
+        return self._tokenizer
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        tok = self.tokenizer
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise LowbitError(f"{self.path}: the tokenizer has no chat template; drop --chat")
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return tok(prompt)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = list(self.config.eos_token_ids)
+        gen = self.path / "generation_config.json"
+        if gen.exists():
+            import json
+
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            for x in e if isinstance(e, list) else [e] if e is not None else []:
+                if int(x) not in ids:
+                    ids.append(int(x))
+        return ids
+
+    # ---------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence forward, no cache: LongTensor [B, T] -> float32 logits [B, T, V]."""
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        hidden = self.net(input_ids, positions)
+        return self.net.compute_logits(hidden).float()
+
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 chat: bool = False, ignore_eos: bool = False):
+        """Generate for a batch of prompts (text or token-id lists) -> list[GenerationResult]."""
+        from .generate import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, stop=stop, chat=chat, ignore_eos=ignore_eos)
+
+    def stream(self, prompts, **kwargs):
+        """Like generate, but yields StreamEvent(index, token_id, text, finish_reason) as tokens come."""
+        from .generate import stream
+
+        return stream(self, prompts, **kwargs)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.net.parameters()) + list(self.net.buffers()))
+
+
+def load(path, device=None, dtype=None, activation_quant: str = "auto", kv_cache: str = "auto",
+         trust_tensors: bool = False, use_kernels: bool = True, progress: bool = True) -> Model:
+    """Load a checkpoint directory. device: default cuda when available; dtype: default the checkpoint's."""
+    path = Path(path)
+    ckpt = Checkpoint(path)
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError("device 'cuda' requested but no CUDA GPU is available (use --device cpu)")
+    options = RunOptions(activation_quant=activation_quant, kv_cache=kv_cache, use_kernels=use_kernels,
+                         trust_tensors=trust_tensors)
+    plan = resolve(ckpt, trust_tensors=trust_tensors)
+    dtype = parse_dtype(dtype) or plan.model.dtype
+    net, report = load_model(ckpt, plan, device, dtype, options, progress=progress)
+    net.eval()
+    ckpt.close()
+    return Model(net, plan, report, path, device, dtype, options)
