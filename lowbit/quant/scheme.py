@@ -10,8 +10,9 @@ from dataclasses import dataclass, replace
 WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "fp8", "nvfp4", "int4", "int8", "mxfp8")
 FLOAT_FORMATS = ("bf16", "fp16", "fp32")
 GRANULARITIES = ("tensor", "channel", "group", "block")
-ACTIVATION_FORMATS = ("none", "fp8", "nvfp4", "int8")
+ACTIVATION_FORMATS = ("none", "fp8", "nvfp4", "int8", "mxfp8")  # mxfp8: parsed and reported, not runnable yet
 FORMATS = ("modelopt", "compressed-tensors")  # on-disk spellings of the same schemes
+KV_CACHE_FORMATS = ("fp8",)  # quantized KV caches a checkpoint may declare (None: the model dtype)
 
 
 @dataclass(frozen=True)
