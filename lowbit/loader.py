@@ -42,8 +42,15 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
     """One LinearGroup per slot; returns (name -> group, on-disk module name -> target)."""
     groups: dict[str, nn.Module] = {}
     targets: dict[str, _Target] = {}
+    missing: list[str] = []
     for slot in plan.slots:
         parts = []
+        fused_stored = slot.fused_name in plan.layers and plan.layers[slot.fused_name].shard is None
+        absent = [s for s in slot.shards if s not in plan.layers]
+        if not fused_stored and absent:
+            alt = f" (or all of them fused as {slot.fused_name})" if len(slot.shards) > 1 else ""
+            missing += [f"{s}: missing from the checkpoint (no {s}.* tensors){alt}" for s in absent]
+            continue
         for group in plan.slot_parts(slot):
             fused_on_disk = group[0].shard is None and len(slot.shards) > 1
             sizes = slot.shard_sizes if fused_on_disk else tuple(slot.shard_sizes[p.shard or 0] for p in group)
@@ -55,10 +62,9 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
             parts.append(layer)
             for i, p in enumerate(group):
                 targets[p.name] = _Target(layer, None if fused_on_disk else (i if len(sizes) > 1 else None), p)
-        if not parts:
-            raise CheckpointError([f"{slot.fused_name}: no tensors for this projection "
-                                   f"(expected {' / '.join(slot.shards)} or {slot.fused_name})"])
         groups[slot.fused_name] = LinearGroup(parts)
+    if missing:
+        raise CheckpointError(missing)
     return groups, targets
 
 
@@ -129,13 +135,13 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
         if p is None:
             violations.append(f"{tname}: unexpected tensor (no parameter {canon} in {cfg.architecture})")
             continue
+        written.add(canon)
         want_shape = _local_param_shape(canon, p)
         bad = _check(tname, info.dtype, info.shape, TensorSpec("float", want_shape), canon)
         if bad:
             violations.append(bad)
             continue
         jobs.append((tname, lambda t, p=p, c=canon: _write_param(p, t, c, tp_rank, tp_size)))
-        written.add(canon)
     for canon in plain:
         if canon not in written:
             violations.append(f"{canon}: missing from the checkpoint (expected {list(plain[canon].shape)})")

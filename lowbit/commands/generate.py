@@ -1,0 +1,77 @@
+"""`lowbit generate PATH --prompt TEXT`: load a checkpoint and generate, streaming text as it comes."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_load_options(p):
+    """Options shared by every command that loads a model."""
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="compute dtype: bfloat16, float16, float32 (default: the checkpoint's)")
+    p.add_argument("--activation-quant", default="auto", choices=["auto", "weight-only", "emulate"],
+                   help="NVFP4 W4A4 activations: weight-only by default on GPUs without FP4 tensor cores; "
+                        "'emulate' reproduces the activation quantization exactly")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "bf16"],
+                   help="auto: as the checkpoint says (FP8 when it has KV scales); bf16: full-precision cache")
+    p.add_argument("--trust-tensors", action="store_true",
+                   help="when the quantization config disagrees with the tensors, resolve from the tensors")
+    p.add_argument("--no-kernels", action="store_true", help="run the plain-PyTorch reference paths")
+
+
+def load_from_args(args):
+    import lowbit
+
+    return lowbit.load(args.path, device=args.device, dtype=args.dtype, activation_quant=args.activation_quant,
+                       kv_cache=args.kv_cache, trust_tensors=args.trust_tensors, use_kernels=not args.no_kernels)
+
+
+def register(sub):
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("path", help="checkpoint directory")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help='print {"prompt_ids", "output_ids", "text"} per prompt')
+    add_load_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import LowbitError
+
+    if args.max_new_tokens < 0:
+        raise LowbitError("--max-new-tokens must be >= 0")
+    try:
+        from ..sampling import SamplingParams
+
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+    model = load_from_args(args)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat)
+    if args.json:
+        results = model.generate(args.prompt, **kwargs)
+        for r in results:
+            print(json.dumps({"prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": r.text,
+                              "finish_reason": r.finish_reason}))
+        return 0
+    run_ = model.stream(args.prompt, **kwargs)
+    single = len(args.prompt) == 1
+    for ev in run_:
+        if single:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    if single:
+        sys.stdout.write("\n")
+    else:
+        for i, r in enumerate(run_.results):
+            print(f"[{i}] {args.prompt[i]!r} -> {r.text!r} ({r.finish_reason})")
+    return 0
