@@ -146,3 +146,22 @@ def check_tensor(spec: TensorSpec, dtype: str, shape: tuple[int, ...]) -> str | 
     if dtype_ok and shape_ok:
         return None
     return f"expected {describe(spec)}, found {dtype} {fmt_shape(shape)}"
+
+
+def mismatches(module: str, expected: dict[str, TensorSpec], infos: dict) -> list[str]:
+    """Every way one module's on-disk tensors (role -> TensorInfo) differ from `expected`."""
+    out = []
+    for role, spec in expected.items():
+        info = infos.get(role)
+        if info is None:
+            if not spec.optional:
+                out.append(f"missing tensor {module}.{role} ({describe(spec)})")
+            continue
+        bad = check_tensor(spec, info.dtype, info.shape)
+        if bad:
+            out.append(f"tensor {info.name}: {bad}")
+    for role, info in infos.items():
+        if role not in expected:
+            out.append(f"unexpected tensor {info.name} ({info.dtype} {fmt_shape(info.shape)}); this scheme stores "
+                       f"only {', '.join(expected)}")
+    return out

@@ -1,15 +1,25 @@
 """resolve(): decide every Linear-like module's scheme and assign every checkpoint tensor to its consumer.
 
-One resolution serves `lowbit inspect` and the loader. It reads headers and JSON only.
+One resolution serves `lowbit inspect` and the loader. It reads headers and JSON only. Steps:
+  1. classify every tensor: a projection's, a model parameter, a KV-cache scale, vision, or unexplained;
+  2. per on-disk module, the scheme the config gives it (match.decide), shard by shard for fused slots;
+  3. cross-check against the tensors (formats.expected_tensors): every disagreement becomes a Problem,
+     or, with trust_tensors, the scheme the tensors hold is used and the override is noted;
+  4. config entries that name no module, KV-cache scales, missing parameters.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, TensorInfo
 from ..config import ModelConfig, parse_model_config
 from ..models.layout import LinearSlot, linear_slots
 from ..names import is_vision, split_tensor_name, to_canonical
+from .config import QuantConfig, parse_quant_config
+from .formats import expected_tensors, fmt_shape, mismatches
+from .infer import infer_scheme
+from .match import Decision, decide, is_exact, unmatched_entries
 from .scheme import ST_FLOAT_NAMES, Scheme, unquantized
 
 
@@ -21,6 +31,7 @@ class LayerPlan:
     scheme: Scheme
     tensors: dict[str, str] = field(default_factory=dict)  # role -> on-disk tensor name
     notes: list[str] = field(default_factory=list)
+    reason: str = ""  # which config entry (or override) gave it this scheme
 
 
 @dataclass
@@ -43,7 +54,8 @@ class QuantPlan:
     skipped: dict[str, str] = field(default_factory=dict)  # on-disk tensor name -> reason
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    producer: dict | None = None
+    producer: dict | None = None  # {"name", "version", "algo", "source"} of the quantization config
+    quant_config: QuantConfig | None = None
 
     def slot_parts(self, slot: LinearSlot) -> list[list[LayerPlan]]:
         """How to build one slot: groups of on-disk modules that run as one QLinear each."""
@@ -61,6 +73,9 @@ class QuantPlan:
 
 SKIP_LEAVES = {"rotary_emb.inv_freq": "rotary frequencies are recomputed from the config"}
 KV_SCALE_LEAVES = ("k_scale", "v_scale", "kv_scale")
+# Spellings of KV-cache scales: self_attn.k_proj.k_scale (ModelOpt), self_attn.k_scale (compressed-tensors),
+# self_attn.attn.k_scale (vLLM), self_attn.kv_scale (older exports: one scale for both).
+KV_MODULE = re.compile(r"^(model\.layers\.\d+)\.self_attn(?:\.k_proj|\.v_proj|\.attn)?$")
 
 
 def module_index(slots: list[LinearSlot]) -> dict[str, tuple[LinearSlot, int | None]]:
@@ -74,32 +89,241 @@ def module_index(slots: list[LinearSlot]) -> dict[str, tuple[LinearSlot, int | N
     return idx
 
 
+def expected_params(cfg: ModelConfig) -> set[str]:
+    """Canonical names of the model's non-linear parameters."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        names |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
+        if cfg.qk_norm:
+            names |= {f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"}
+    return names
+
+
 def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
     cfg = parse_model_config(ckpt.config, where=str(ckpt.path / "config.json"))
+    qc = parse_quant_config(ckpt.config, ckpt.hf_quant_config, str(ckpt.path))
     slots = linear_slots(cfg)
-    modules = module_index(slots)
-    plan = QuantPlan(model=cfg, slots=slots, layers={}, params={})
-    qcfg = ckpt.config.get("quantization_config") or ckpt.text_config.get("quantization_config") or ckpt.hf_quant_config
-    if qcfg:
-        from ..errors import ConfigError
-
-        raise ConfigError("quantized checkpoints are not supported yet")
-    for name, info in ckpt.tensors.items():
-        if is_vision(name):
-            plan.skipped[name] = "vision component (the text model does not use it)"
-            continue
-        canon = to_canonical(name)
-        if any(canon.endswith(leaf) for leaf in SKIP_LEAVES):
-            plan.skipped[name] = next(r for leaf, r in SKIP_LEAVES.items() if canon.endswith(leaf))
-            continue
-        module, role = split_tensor_name(canon)
-        if module in modules:
-            slot, shard = modules[module]
-            lp = plan.layers.get(module)
-            if lp is None:
-                scheme = unquantized(ST_FLOAT_NAMES.get(info.dtype, "bf16"))
-                lp = plan.layers[module] = LayerPlan(module, slot.fused_name, shard, scheme)
-            lp.tensors[role] = name
-        else:
-            plan.params[canon] = name
+    plan = QuantPlan(model=cfg, slots=slots, layers={}, params={}, quant_config=qc)
+    if qc is not None:
+        plan.producer = {"name": qc.producer, "version": qc.version, "algo": qc.algo, "source": qc.source}
+        plan.kv_cache = qc.kv_cache
+        plan.notes += qc.notes
+    r = _Resolver(ckpt, plan, qc, trust_tensors)
+    on_disk = r.classify()
+    for slot in slots:
+        r.resolve_slot(slot, on_disk)
+    r.check_kv_scales()
+    r.check_params()
+    r.check_config_names(on_disk)
     return plan
+
+
+def _label(scheme: Scheme) -> str:
+    return scheme.label() if scheme.quantized else f"unquantized {scheme.weight}"
+
+
+def _holding(infos: dict[str, TensorInfo]) -> str:
+    return ", ".join(f"{role} {i.dtype} {fmt_shape(i.shape)}" for role, i in sorted(infos.items()))
+
+
+class _Resolver:
+    def __init__(self, ckpt: Checkpoint, plan: QuantPlan, qc: QuantConfig | None, trust: bool):
+        self.ckpt, self.plan, self.qc, self.trust = ckpt, plan, qc, trust
+        self.modules = module_index(plan.slots)
+
+    def problem(self, layer: str, message: str):
+        self.plan.problems.append(Problem(layer, message))
+
+    # -- 1. classify every tensor ----------------------------------------------------------------
+    def classify(self) -> dict[str, dict[str, TensorInfo]]:
+        """Fill params/skipped/kv_scales; return the projections' tensors: module -> role -> info."""
+        plan, cfg = self.plan, self.plan.model
+        params = expected_params(cfg)
+        on_disk: dict[str, dict[str, TensorInfo]] = {}
+        tied_head: dict[str, TensorInfo] = {}
+        for name, info in self.ckpt.tensors.items():
+            if is_vision(name):
+                plan.skipped[name] = "vision component (the text model does not use it)"
+                continue
+            canon = to_canonical(name)
+            leaf = next((lf for lf in SKIP_LEAVES if canon.endswith("." + lf)), None)
+            if leaf:
+                plan.skipped[name] = SKIP_LEAVES[leaf]
+                continue
+            module, role = split_tensor_name(canon)
+            kv = KV_MODULE.match(module)
+            if kv and role in KV_SCALE_LEAVES:
+                self._kv_scale(kv.group(1), role, name)
+            elif module in self.modules:
+                on_disk.setdefault(module, {})[role] = info
+            elif canon in params:
+                plan.params[canon] = name
+            elif module == "lm_head" and cfg.tie_word_embeddings:
+                tied_head[role] = info
+            else:
+                self.problem(module or canon, f"unexplained tensor {name} ({info.dtype} {fmt_shape(info.shape)}): "
+                             f"not a parameter of {cfg.architecture} ({cfg.num_layers} layers), not a scale of any "
+                             f"projection, not a KV-cache scale, not a vision component. Likely cause: config.json "
+                             f"describes a different model, or the exporter left it behind; remove it from the "
+                             f"checkpoint or fix config.json")
+        if tied_head:
+            self._tied_head(tied_head)
+        return on_disk
+
+    def _kv_scale(self, layer: str, role: str, name: str):
+        kinds = ("k_scale", "v_scale") if role == "kv_scale" else (role,)
+        for kind in kinds:
+            key = f"{layer}.self_attn.{kind}"
+            if key in self.plan.kv_scales:
+                self.problem(key, f"two KV-cache scale tensors: {self.plan.kv_scales[key]} and {name}; "
+                                  f"remove one from the checkpoint")
+            self.plan.kv_scales[key] = name
+
+    def _tied_head(self, infos: dict[str, TensorInfo]):
+        """A tied model uses the embedding as its head: a plain copy may be skipped, a quantized one contradicts."""
+        w = infos.get("weight")
+        if set(infos) == {"weight"} and w.dtype in ST_FLOAT_NAMES:
+            self.plan.skipped[w.name] = ("duplicate of the tied embedding (tie_word_embeddings is true; the model "
+                                         "uses model.embed_tokens.weight as its head)")
+            return
+        self.problem("lm_head", f"tie_word_embeddings is true but the file holds a quantized lm_head "
+                                f"({_holding(infos)}): a contradictory checkpoint. If the head is a separate "
+                                f"layer, set tie_word_embeddings to false in config.json; otherwise re-export "
+                                f"without lm_head tensors")
+
+    # -- 2 + 3. schemes and the cross-check --------------------------------------------------------
+    def resolve_slot(self, slot: LinearSlot, on_disk: dict[str, dict[str, TensorInfo]]):
+        fused, shards = slot.fused_name, slot.shards
+        split = [s for s in shards if s in on_disk] if len(shards) > 1 else []
+        if len(shards) > 1 and fused in on_disk:
+            if split:
+                self.problem(fused, f"stored both fused ({fused}.*) and split ({', '.join(split)}) on disk; "
+                                    f"only one layout may be present: remove one set of tensors")
+            self.module(fused, slot, None, on_disk[fused], self._fused_decision(slot))
+            return
+        missing = [s for s in shards if s not in on_disk]
+        for s in missing:
+            hint = ("; if the head shares the embedding, set tie_word_embeddings to true in config.json"
+                    if s == "lm_head" else "")
+            alt = f" (or {fused} stored fused)" if len(shards) > 1 else ""
+            self.problem(s, f"no tensors for this projection{alt}; the checkpoint is incomplete{hint}")
+        for i, s in enumerate(shards):
+            if s in on_disk:
+                owner = fused if len(shards) > 1 else None
+                self.module(s, slot, i if len(shards) > 1 else None, on_disk[s], decide(self.qc, s, owner))
+        parts = self.plan.slot_parts(slot)
+        if len(parts) > 1:
+            desc = "; ".join(f"{'+'.join(p.name.rsplit('.', 1)[1] for p in g)}: {_label(g[0].scheme)}" for g in parts)
+            self.plan.notes.append(f"{fused}: shards have different schemes ({desc}): runs unfused, "
+                                   f"as {len(parts)} separate projections")
+
+    def _fused_decision(self, slot: LinearSlot) -> Decision:
+        """A module stored fused on disk: config entries may name it or its shards, but one tensor
+        can only have one scheme."""
+        whole = decide(self.qc, slot.fused_name)
+        per_shard = [decide(self.qc, s, slot.fused_name) for s in slot.shards]
+        schemes = {d.scheme for d in per_shard}
+        if schemes == {whole.scheme}:
+            return whole
+        if len(schemes) == 1:
+            return Decision(per_shard[0].scheme, f"{per_shard[0].reason}, which names the split projections "
+                                                 f"of this fused-on-disk module")
+        desc = "; ".join(f"{s.rsplit('.', 1)[1]}: {d.reason}" for s, d in zip(slot.shards, per_shard))
+        self.problem(slot.fused_name, f"the config gives the split projections different schemes ({desc}), but "
+                                      f"the file stores them fused as one tensor ({slot.fused_name}), which has a "
+                                      f"single scheme. The config was written for a split layout (cf. vLLM #40252); "
+                                      f"fix its entries to name {slot.fused_name}")
+        return whole
+
+    def module(self, name: str, slot: LinearSlot, shard: int | None, infos: dict[str, TensorInfo], d: Decision):
+        n = slot.shard_sizes[shard] if shard is not None else slot.out_features
+        k = slot.in_features
+        weight = infos.get("weight")
+        scheme = d.scheme or unquantized(ST_FLOAT_NAMES.get(weight.dtype if weight else "", "bf16"))
+        reason = d.reason
+        expected = expected_tensors(scheme, n, k, slot.bias)
+        issues = mismatches(name, expected, infos)
+        if issues and d.alternative is not None:
+            alt = expected_tensors(d.alternative, n, k, slot.bias)
+            if not mismatches(name, alt, infos):
+                self.plan.notes.append(f"{name}: {_label(d.alternative)} as the file holds it: "
+                                       f"{d.alternative_reason}")
+                scheme, reason, expected, issues = d.alternative, d.alternative_reason, alt, []
+        if issues:
+            found = infer_scheme(infos, n, k, slot.bias, self.qc.schemes() if self.qc else [])
+            said = f"the config says {_label(scheme)} ({d.reason})"
+            if found is not None and self.trust:
+                self.plan.notes.append(f"{name}: override: {said}, the file holds {_label(found)}: using the tensors")
+                scheme, reason, expected = found, f"from the tensors (--trust-tensors; {d.reason})", \
+                    expected_tensors(found, n, k, slot.bias)
+            elif found is not None:
+                self.problem(name, f"{said}, but the file holds {_label(found)} ({_holding(infos)}). Likely cause: "
+                                   f"the config's {self._which(d)} does not describe this export; fix the config, "
+                                   f"or pass --trust-tensors to use what the file holds")
+            else:
+                for msg in issues:
+                    self.problem(name, f"{msg}; {said}. Likely cause: an incomplete or mixed-up export "
+                                       f"(no known scheme fits these tensors: {_holding(infos)})")
+        lp = LayerPlan(name, slot.fused_name, shard, scheme, reason=reason)
+        for role, info in infos.items():
+            spec = expected.get(role)
+            if spec is not None and spec.optional:
+                self.plan.skipped[info.name] = spec.note
+                lp.notes.append(f"{info.name}: {spec.note}")
+            elif spec is not None or issues:
+                lp.tensors[role] = info.name
+        if scheme.weight == "mxfp8":
+            self.problem(name, "MXFP8 is recognized, but lowbit has no MXFP8 kernels yet; this checkpoint "
+                               "cannot be loaded")
+        self.plan.layers[name] = lp
+
+    def _which(self, d: Decision) -> str:
+        if "excluded" in d.reason:
+            return "exclude/ignore list"
+        if "quantized_layers" in d.reason:
+            return "quantized_layers"
+        if "config_groups" in d.reason:
+            return "config_groups targets"
+        return "quantization algorithm"
+
+    # -- 4. the rest ---------------------------------------------------------------------------------
+    def check_kv_scales(self):
+        plan = self.plan
+        if plan.kv_cache == "fp8":
+            for i in range(plan.model.num_layers):
+                for kind in ("k_scale", "v_scale"):
+                    key = f"model.layers.{i}.self_attn.{kind}"
+                    if key not in plan.kv_scales:
+                        self.problem(key, f"missing: the config declares an FP8 KV cache but the file holds no "
+                                          f"{kind} for layer {i} (looked for self_attn.{kind[0]}_proj.{kind}, "
+                                          f"self_attn.{kind}, self_attn.kv_scale). Re-export with KV-cache "
+                                          f"calibration, or drop kv_cache_quant_algo from the config")
+        elif plan.kv_scales:
+            plan.notes.append(f"{len(plan.kv_scales)} KV-cache scales on disk, but the config declares no quantized "
+                              f"KV cache: they are not used")
+
+    def check_params(self):
+        for canon in sorted(expected_params(self.plan.model) - set(self.plan.params)):
+            self.problem(canon.rsplit(".", 1)[0], f"missing tensor {canon} (a parameter of "
+                                                  f"{self.plan.model.architecture}); the checkpoint is incomplete")
+
+    def check_config_names(self, on_disk: dict[str, dict[str, TensorInfo]]):
+        """Config entries that name no module: the config was written for another naming (vLLM #54547)."""
+        if self.qc is None:
+            return
+        known = set(self.modules) | {"lm_head"} | set(on_disk)
+        known |= {p.rsplit(".", 1)[0] for p in expected_params(self.plan.model)}
+        known |= {to_canonical(split_tensor_name(n)[0]) for n in self.ckpt.tensors}
+        for where, pattern in unmatched_entries(self.qc, known):
+            msg = (f"{where} entry {pattern!r} matches no module of this checkpoint; it was probably written for "
+                   f"another module naming (e.g. a different VLM wrapper) and has no effect")
+            if self.trust or not is_exact(pattern):
+                self.plan.notes.append(f"{self.qc.source}: {msg}")
+            else:
+                self.problem(pattern, f"{msg}. Rewrite it with this checkpoint's names (for example "
+                                      f"{_example_name(self.plan)}) or remove it")
+
+
+def _example_name(plan: QuantPlan) -> str:
+    return next(iter(plan.layers), "model.layers.0.mlp.down_proj")
