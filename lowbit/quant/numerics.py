@@ -108,7 +108,8 @@ def fake_quant_fp8_activation(x: torch.Tensor, scale: torch.Tensor | None) -> to
     """FP8 activation quant-dequant. scale=None: dynamic per-token (amax/448 per row)."""
     xf = x.float()
     if scale is None:
-        s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero row stays zero
     else:
         s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     return (quantize_fp8(xf, s).float() * s).to(x.dtype)
