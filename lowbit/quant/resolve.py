@@ -17,7 +17,8 @@ from ..config import ModelConfig, parse_model_config
 from ..models.layout import LinearSlot, linear_slots
 from ..names import is_vision, split_tensor_name, to_canonical
 from .config import QuantConfig, parse_quant_config
-from .formats import expected_tensors, fmt_shape, mismatches
+from .base import TensorSpec
+from .formats import FLOAT, check_tensor, expected_tensors, fmt_shape, mismatches
 from .infer import infer_scheme
 from .match import Decision, decide, is_exact, unmatched_entries
 from .scheme import ST_FLOAT_NAMES, Scheme, unquantized
@@ -89,15 +90,16 @@ def module_index(slots: list[LinearSlot]) -> dict[str, tuple[LinearSlot, int | N
     return idx
 
 
-def expected_params(cfg: ModelConfig) -> set[str]:
-    """Canonical names of the model's non-linear parameters."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
+def expected_params(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical names and shapes of the model's non-linear parameters."""
+    h = (cfg.hidden_size,)
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": h}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
-        names |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
+        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = h
         if cfg.qk_norm:
-            names |= {f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"}
-    return names
+            shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (cfg.head_dim,)
+    return shapes
 
 
 def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
@@ -304,9 +306,19 @@ class _Resolver:
                               f"KV cache: they are not used")
 
     def check_params(self):
-        for canon in sorted(expected_params(self.plan.model) - set(self.plan.params)):
-            self.problem(canon.rsplit(".", 1)[0], f"missing tensor {canon} (a parameter of "
-                                                  f"{self.plan.model.architecture}); the checkpoint is incomplete")
+        """Embeddings and norms: present, floating point, the shape the model config implies."""
+        arch = self.plan.model.architecture
+        for canon, shape in expected_params(self.plan.model).items():
+            name = self.plan.params.get(canon)
+            if name is None:
+                self.problem(canon.rsplit(".", 1)[0], f"missing tensor {canon} (a parameter of {arch}, expected "
+                                                      f"{fmt_shape(shape)}); the checkpoint is incomplete")
+                continue
+            info = self.ckpt.tensors[name]
+            bad = check_tensor(TensorSpec(FLOAT, shape), info.dtype, info.shape)
+            if bad:
+                self.problem(canon.rsplit(".", 1)[0], f"tensor {name}: {bad} (a parameter of {arch}). Likely "
+                                                      f"cause: config.json does not describe this checkpoint")
 
     def check_config_names(self, on_disk: dict[str, dict[str, TensorInfo]]):
         """Config entries that name no module: the config was written for another naming (vLLM #54547)."""
