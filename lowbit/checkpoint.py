@@ -84,8 +84,15 @@ class Checkpoint:
         self.config: dict = _load_json(cfg)
         hq = self.path / "hf_quant_config.json"
         self.hf_quant_config: dict | None = _load_json(hq) if hq.exists() else None
-        self.tensors: dict[str, TensorInfo] = self._index()
+        self._tensors: dict[str, TensorInfo] | None = None
         self._handles: dict[str, object] = {}
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """name -> TensorInfo for every tensor of the model (headers are read on first use)."""
+        if self._tensors is None:
+            self._tensors = self._index()
+        return self._tensors
 
     # -- index
     def _index(self) -> dict[str, TensorInfo]:
