@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.numerics import E2M1_MAX, FP8_MAX, NVFP4_BLOCK, float_to_e2m1, pack_e2m1, pack_int32
+from ..quant.scheme import Scheme
 
 FP8_EPS = 0.125  # compressed-tensors replaces a zero E4M3 scale with this (its `_get_dtype_eps`)
 NVFP4_GLOBAL = E2M1_MAX * FP8_MAX  # 6 * 448: maps a tensor's amax onto the E4M3 x E2M1 range
@@ -179,3 +180,35 @@ def ct_input_scale(input_amax: torch.Tensor, activation: str) -> dict[str, torch
     if activation == "fp8":
         return {"input_scale": (input_amax / torch.tensor(FP8_MAX, dtype=input_amax.dtype)).reshape(1)}
     return {"input_global_scale": ct_global_scale(input_amax)}
+
+
+# ---------------------------------------------------------------- dispatch on a Scheme
+def has_static_inputs(scheme: Scheme) -> bool:
+    """Whether the module stores calibrated activation scales (FP8 static, NVFP4 W4A4)."""
+    return scheme.activation in ("fp8", "nvfp4") and not scheme.act_dynamic
+
+
+def encode(scheme: Scheme, w: torch.Tensor, group_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """On-disk weight tensors of one module. group_amax: the per-tensor amax shared by the fused
+    shards this module belongs to (NVFP4 only; default: the module's own)."""
+    if scheme.weight == "nvfp4":
+        a = amax(w) if group_amax is None else group_amax
+        return modelopt_nvfp4(w, a) if scheme.fmt == "modelopt" else ct_nvfp4(w, ct_global_scale(a))
+    if scheme.fmt == "modelopt" and scheme.weight == "fp8":
+        return modelopt_fp8(w) if scheme.granularity == "tensor" else modelopt_fp8_per_channel(w)
+    if scheme.fmt == "compressed-tensors":
+        if scheme.weight == "fp8":
+            return ct_fp8(w, per_channel=scheme.granularity == "channel")
+        if scheme.weight in ("int4", "int8"):
+            group = scheme.group_size if scheme.granularity == "group" else None
+            return ct_int(w, scheme.bits, group, scheme.symmetric, packed=scheme.packed)
+    raise ValueError(f"lowbit quantize cannot write {scheme.label()} as {scheme.fmt}")
+
+
+def activation_tensors(scheme: Scheme, input_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Calibrated activation tensors of one module (empty for weight-only and dynamic schemes)."""
+    if not has_static_inputs(scheme):
+        return {}
+    if scheme.fmt == "modelopt":
+        return {"input_scale": modelopt_input_scale(input_amax, scheme.activation)}
+    return ct_input_scale(input_amax, scheme.activation)
