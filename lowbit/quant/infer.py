@@ -7,6 +7,7 @@ no trace for dynamic schemes) prefer the schemes the config uses elsewhere, then
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from math import ceil
 
@@ -60,8 +61,6 @@ def _with_zero_points(s: Scheme, infos: dict) -> Scheme:
     """compressed-tensors int schemes: zero points on disk mean asymmetric."""
     if s.fmt != CT or s.weight != "int8":
         return s
-    from dataclasses import replace
-
     return replace(s, symmetric="weight_zero_point" not in infos,
                    act_symmetric=s.activation == "none" or s.act_dynamic or "input_zero_point" not in infos)
 

@@ -24,6 +24,7 @@ GLOB_CHARS = "*?["
 class Decision:
     scheme: Scheme | None  # None: unquantized
     reason: str  # which config entry decided it, for messages
+    rule: str = "default"  # exclude | quantized_layers | config_groups | default: which part of the config
     # The other accepted reading, if the config is ambiguous for this module: llm-compressor's
     # "Linear" target quantizes lm_head (an nn.Linear) where vLLM's and lowbit's reading leaves it
     # unquantized. The tensors pick between the two.
@@ -69,26 +70,27 @@ def decide(qc: QuantConfig | None, canonical: str, owner: str | None = None) -> 
     names = module_names(canonical, owner)
     for pattern in qc.ignore:
         if any(pattern_matches(pattern, n) for n in names):
-            return Decision(None, f"excluded by {qc.ignore_key} entry {pattern!r}")
+            return Decision(None, f"excluded by {qc.ignore_key} entry {pattern!r}", "exclude")
     if qc.quantized_layers is not None:
         for key in (canonical, owner):
             if key in qc.quantized_layers:
-                return Decision(qc.quantized_layers[key], f"quantized_layers[{qc.quantized_layer_keys[key]!r}]")
-        return Decision(None, "not listed in quantized_layers (MIXED_PRECISION)")
+                return Decision(qc.quantized_layers[key], f"quantized_layers[{qc.quantized_layer_keys[key]!r}]",
+                                "quantized_layers")
+        return Decision(None, "not listed in quantized_layers (MIXED_PRECISION)", "quantized_layers")
     is_head = canonical == "lm_head"
     for group in qc.groups:
         for target in group.targets:
             hit = (not is_head) if is_class_target(target) and target == "Linear" else \
                 not is_class_target(target) and any(pattern_matches(target, n) for n in names)
             if hit:
-                return Decision(group.scheme, f"config_groups.{group.name} target {target!r}")
+                return Decision(group.scheme, f"config_groups.{group.name} target {target!r}", "config_groups")
     if qc.groups:
         linear = next((g for g in qc.groups if "Linear" in g.targets), None)
         if is_head and linear is not None:
             return Decision(None, "no config_groups target names it ('Linear' does not cover lm_head)",
-                            linear.scheme, f"config_groups.{linear.name} target 'Linear' as llm-compressor reads "
+                            "config_groups", linear.scheme, f"config_groups.{linear.name} target 'Linear' as llm-compressor reads "
                                            f"it (lm_head is an nn.Linear there)")
-        return Decision(None, "no config_groups target matches it")
+        return Decision(None, "no config_groups target matches it", "config_groups")
     if qc.default is not None:
         return Decision(qc.default, f"global quant_algo {qc.algo}")
     return Decision(None, "the config quantizes no weights")

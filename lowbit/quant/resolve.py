@@ -74,6 +74,8 @@ class QuantPlan:
 
 SKIP_LEAVES = {"rotary_emb.inv_freq": "rotary frequencies are recomputed from the config"}
 KV_SCALE_LEAVES = ("k_scale", "v_scale", "kv_scale")
+RULE_NAMES = {"exclude": "exclude/ignore list", "quantized_layers": "quantized_layers",
+              "config_groups": "config_groups targets", "default": "quantization algorithm"}
 # Spellings of KV-cache scales: self_attn.k_proj.k_scale (ModelOpt), self_attn.k_scale (compressed-tensors),
 # self_attn.attn.k_scale (vLLM), self_attn.kv_scale (older exports: one scale for both).
 KV_MODULE = re.compile(r"^(model\.layers\.\d+)\.self_attn(?:\.k_proj|\.v_proj|\.attn)?$")
@@ -230,7 +232,7 @@ class _Resolver:
             return whole
         if len(schemes) == 1:
             return Decision(per_shard[0].scheme, f"{per_shard[0].reason}, which names the split projections "
-                                                 f"of this fused-on-disk module")
+                                                 f"of this fused-on-disk module", per_shard[0].rule)
         desc = "; ".join(f"{s.rsplit('.', 1)[1]}: {d.reason}" for s, d in zip(slot.shards, per_shard))
         self.problem(slot.fused_name, f"the config gives the split projections different schemes ({desc}), but "
                                       f"the file stores them fused as one tensor ({slot.fused_name}), which has a "
@@ -257,11 +259,11 @@ class _Resolver:
             said = f"the config says {_label(scheme)} ({d.reason})"
             if found is not None and self.trust:
                 self.plan.notes.append(f"{name}: override: {said}, the file holds {_label(found)}: using the tensors")
-                scheme, reason, expected = found, f"from the tensors (--trust-tensors; {d.reason})", \
-                    expected_tensors(found, n, k, slot.bias)
+                scheme, reason = found, f"from the tensors (--trust-tensors; {d.reason})"
+                expected, issues = expected_tensors(found, n, k, slot.bias), []
             elif found is not None:
                 self.problem(name, f"{said}, but the file holds {_label(found)} ({_holding(infos)}). Likely cause: "
-                                   f"the config's {self._which(d)} does not describe this export; fix the config, "
+                                   f"the config's {RULE_NAMES[d.rule]} does not describe this export; fix the config, "
                                    f"or pass --trust-tensors to use what the file holds")
             else:
                 for msg in issues:
@@ -273,21 +275,12 @@ class _Resolver:
             if spec is not None and spec.optional:
                 self.plan.skipped[info.name] = spec.note
                 lp.notes.append(f"{info.name}: {spec.note}")
-            elif spec is not None or issues:
+            elif spec is not None or issues:  # with problems, show every tensor (the loader refuses anyway)
                 lp.tensors[role] = info.name
         if scheme.weight == "mxfp8":
             self.problem(name, "MXFP8 is recognized, but lowbit has no MXFP8 kernels yet; this checkpoint "
                                "cannot be loaded")
         self.plan.layers[name] = lp
-
-    def _which(self, d: Decision) -> str:
-        if "excluded" in d.reason:
-            return "exclude/ignore list"
-        if "quantized_layers" in d.reason:
-            return "quantized_layers"
-        if "config_groups" in d.reason:
-            return "config_groups targets"
-        return "quantization algorithm"
 
     # -- 4. the rest ---------------------------------------------------------------------------------
     def check_kv_scales(self):
@@ -333,9 +326,6 @@ class _Resolver:
             if self.trust or not is_exact(pattern):
                 self.plan.notes.append(f"{self.qc.source}: {msg}")
             else:
+                sample = next((t for lp in self.plan.layers.values() for t in lp.tensors.values()), "")
                 self.problem(pattern, f"{msg}. Rewrite it with this checkpoint's names (for example "
-                                      f"{_example_name(self.plan)}) or remove it")
-
-
-def _example_name(plan: QuantPlan) -> str:
-    return next(iter(plan.layers), "model.layers.0.mlp.down_proj")
+                                      f"{split_tensor_name(sample)[0]}) or remove it")
