@@ -1,15 +1,18 @@
-"""Generation: prefill each prompt into its own KV-cache slot, then decode all running sequences
-together, one token per step. Sequences leave the batch when they finish (EOS, a stop string or
-max_new_tokens), so a batch of unequal prompts gives the same tokens as running each alone.
-"""
-from __future__ import annotations
+"""Generation on the engine (lowbit/engine.py): each prompt is prefilled into its own KV-cache
+slot, then all running sequences decode together, one token per step. Sequences leave the batch
+when they finish (EOS, a stop string or max_new_tokens), so a batch of unequal prompts gives the
+same tokens as running each alone.
 
+The host never waits for the step it just launched: step t+1 is launched before the tokens of
+step t are read, so detokenizing, stop strings and streaming overlap the GPU. A sequence found
+finished at step t has already been given step t+1, whose token is dropped.
+"""
 from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import KVCache
-from .sampling import SamplingParams, sample
+from . import parallel
+from .sampling import SamplingParams
 
 
 @dataclass
@@ -32,10 +35,11 @@ class StreamEvent:
 class _Seq:
     index: int
     prompt: list[int]
-    slot: int
+    slot: int = -1
     out: list[int] = field(default_factory=list)
     text: str = ""
     finish: str | None = None
+    pending: int = 0  # tokens launched on the device, not yet read back
 
     @property
     def length(self) -> int:
@@ -81,7 +85,7 @@ class GenerationRun:
         has_text = any(isinstance(p, str) for p in prompts) or bool(stop)
         self.tracker = _TextTracker(model, list(stop or [])) if has_text else None
         self.eos = set() if ignore_eos else set(model.eos_token_ids)
-        self.seqs = [_Seq(i, p, slot=i) for i, p in enumerate(ids)]
+        self.seqs = [_Seq(i, p) for i, p in enumerate(ids)]
         self.results: list[GenerationResult] | None = None
 
     def _emit(self, seq: _Seq, tok: int) -> StreamEvent:
@@ -95,40 +99,58 @@ class GenerationRun:
             seq.finish = "length"
         return StreamEvent(seq.index, tok, delta, seq.finish)
 
+    def _generator(self):
+        if self.params.temperature == 0:
+            return None
+        seed = self.params.seed
+        if seed is None:  # every tensor-parallel rank must draw the same tokens
+            seed = int(torch.randint(0, 2**62, ()))
+            if parallel.current()[1] > 1:
+                t = torch.tensor([seed], device=self.model.device)
+                torch.distributed.broadcast(t, 0)
+                seed = int(t)
+        gen = torch.Generator(device=self.model.device)
+        gen.manual_seed(seed)
+        return gen
+
     def __iter__(self):
-        model, dev, seqs = self.model, self.model.device, self.seqs
-        gen = None
-        if self.params.seed is not None:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(self.params.seed)
-        cfg = model.config
-        attn0 = model.net.model.layers[0].self_attn
-        max_len = max(len(s.prompt) for s in seqs) + self.max_new_tokens
-        cache = KVCache(cfg.num_layers, len(seqs), max_len, attn0.num_kv_heads, cfg.head_dim, model.dtype, dev,
-                        fp8=attn0.k_scale is not None)
-        with torch.inference_mode():
-            if self.max_new_tokens <= 0:
-                for s in seqs:
-                    s.finish = "length"
-            for s in seqs:  # prefill, one prompt at a time (no padding)
-                if s.finish:
-                    continue
-                x = torch.tensor([s.prompt], device=dev)
-                pos = torch.arange(len(s.prompt), device=dev)[None]
-                hidden = model.net(x, pos, cache, torch.tensor([s.slot], device=dev))
-                tok = sample(model.net.compute_logits(hidden[:, -1]).float(), self.params, gen)
-                yield self._emit(s, int(tok))
-            while True:
-                live = [s for s in seqs if s.finish is None]
-                if not live:
-                    break
-                x = torch.tensor([[s.out[-1]] for s in live], device=dev)
-                pos = torch.tensor([[s.length - 1] for s in live], device=dev)
-                slots = torch.tensor([s.slot for s in live], device=dev)
-                hidden = model.net(x, pos, cache, slots, kv_len=max(s.length for s in live))
-                toks = sample(model.net.compute_logits(hidden[:, -1]).float(), self.params, gen).tolist()
-                for s, tok in zip(live, toks):
-                    yield self._emit(s, tok)
+        seqs, params = self.seqs, self.params
+        if self.max_new_tokens <= 0:
+            for s in seqs:
+                s.finish = "length"
+            live = []
+        else:
+            live = seqs
+        gen = self._generator()
+        engine = self.model.engine(len(seqs), max(len(s.prompt) for s in seqs) + max(self.max_new_tokens, 1))
+        inflight = []  # (sequences, Tokens) in launch order
+        for s in live:
+            s.slot = engine.acquire()
+            s.pending = 1
+            inflight.append(([s], engine.prefill(s.slot, s.prompt, params, gen)))
+        try:
+            while inflight:
+                # launch the next step first; sequences known to reach max_new_tokens are left out
+                step = [s for s in seqs if s.slot >= 0 and s.finish is None
+                        and len(s.out) + s.pending < self.max_new_tokens]
+                if step:
+                    for s in step:
+                        s.pending += 1
+                    launched = (step, engine.decode([s.slot for s in step], params, gen))
+                for batch, toks in inflight:
+                    for s, tok in zip(batch, toks.get()):
+                        s.pending -= 1
+                        if s.finish is None:
+                            yield self._emit(s, tok)
+                        if s.finish is not None and s.pending == 0 and s.slot >= 0:
+                            engine.release(s.slot)
+                            s.slot = -1
+                inflight = [launched] if step else []
+        finally:
+            for s in seqs:  # also when the caller stops iterating early
+                if s.slot >= 0:
+                    engine.release(s.slot)
+                    s.slot = -1
         self.results = [GenerationResult(s.prompt, s.out, s.text if self.tracker else None, s.finish or "length")
                         for s in seqs]
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import ST_DTYPES, TORCH_TO_ST, Checkpoint
+from . import parallel
+from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .models import model_class
 from .quant.base import LinearGroup, LinearSpec, QLinear, RunOptions, TensorSpec
@@ -32,18 +33,31 @@ class LoadReport:
 
 
 @dataclass
-class _Target:
+class Target:
+    """Where one on-disk module's tensors go."""
+
     layer: QLinear
     shard: int | None  # shard index inside the QLinear, None = all (fused on disk)
     plan: LayerPlan
+    disk_rows: int  # output rows of the on-disk module
+    disk_sizes: tuple[int, ...]  # on-disk shard sizes of its slot (for KV-head replication)
+    kv_factor: int = 1  # copies of each KV head this rank's layout needs (tp > num_kv_heads)
+
+    def write(self, role: str, tensor: torch.Tensor, cfg) -> str | None:
+        """Hand one on-disk tensor to the scheme unit (after KV-head replication, if any)."""
+        shard = self.plan.shard
+        t = parallel.replicate_kv(tensor, role, shard, self.disk_sizes, cfg, self.kv_factor, self.plan.name)
+        return self.layer.method.load(self.layer, role, t, self.shard)
 
 
 def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_size=1):
-    """One LinearGroup per slot; returns (name -> group, on-disk module name -> target)."""
+    """One LinearGroup per slot; returns (name -> group, on-disk module name -> Target)."""
     groups: dict[str, nn.Module] = {}
-    targets: dict[str, _Target] = {}
+    targets: dict[str, Target] = {}
     missing: list[str] = []
-    for slot in plan.slots:
+    kv_factor = parallel.kv_replication(plan.model, tp_size)
+    for disk_slot in plan.slots:
+        slot = parallel.tp_slot(disk_slot, plan.model, tp_size)
         parts = []
         fused_stored = slot.fused_name in plan.layers and plan.layers[slot.fused_name].shard is None
         absent = [s for s in slot.shards if s not in plan.layers]
@@ -61,7 +75,9 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
             layer = QLinear(method_class(scheme)(scheme, spec, dtype, options))
             parts.append(layer)
             for i, p in enumerate(group):
-                targets[p.name] = _Target(layer, None if fused_on_disk else (i if len(sizes) > 1 else None), p)
+                rows = disk_slot.out_features if p.shard is None else disk_slot.shard_sizes[p.shard]
+                targets[p.name] = Target(layer, None if fused_on_disk else (i if len(sizes) > 1 else None), p,
+                                         rows, disk_slot.shard_sizes, kv_factor if parallel.is_qkv(slot) else 1)
         groups[slot.fused_name] = LinearGroup(parts)
     if missing:
         raise CheckpointError(missing)
@@ -82,6 +98,29 @@ def _check(name: str, t_dtype: str, t_shape: tuple, spec: TensorSpec, where: str
     return (f"{name} ({where}): expected {want_dtype} {want_shape}, found {t_dtype} {list(t_shape)}")
 
 
+def build_model(plan: QuantPlan, device, dtype, options: RunOptions, tp_rank: int = 0, tp_size: int = 1):
+    """The model with poisoned parameters: (model, linears, on-disk module -> Target, plain parameters)."""
+    parallel.check(plan.model, tp_size)
+    with torch.device(device):
+        linears, targets = build_linears(plan, dtype, options, tp_rank, tp_size)
+        model = model_class(plan.model)(plan.model, linears, dtype, tp_size)
+    linear_params = {id(p) for g in linears.values() for p in g.parameters()}
+    plain = {n: p for n, p in model.named_parameters() if id(p) not in linear_params}
+    return model, linears, targets, plain
+
+
+def finish_loading(model: nn.Module, linears: dict, report: LoadReport, where) -> None:
+    """Let every scheme unit finalize, then refuse any parameter that was not (fully) written."""
+    for g in linears.values():
+        for part in g.parts:
+            report.notes += [f"{part.spec.name}: {n}" for n in part.method.finalize(part) or []]
+    poisoned = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype.itemsize > 1
+                and torch.isnan(p).any()]
+    if poisoned:
+        raise CheckpointError([f"{n}: not (fully) written by the checkpoint" for n in poisoned],
+                              header=f"{where} does not load")
+
+
 def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOptions,
                tp_rank: int = 0, tp_size: int = 1, progress: bool = True):
     t0 = time.perf_counter()
@@ -91,11 +130,7 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
                               header=f"{ckpt.path}: config and tensors disagree (pass trust_tensors=True / "
                                      f"--trust-tensors to resolve from the tensors)")
     report = LoadReport(skipped=dict(plan.skipped), notes=list(plan.notes))
-    with torch.device(device):
-        linears, targets = build_linears(plan, dtype, options, tp_rank, tp_size)
-        model = model_class(cfg)(cfg, linears, dtype, tp_size)
-    linear_params = {id(p) for g in linears.values() for p in g.parameters()}
-    plain = {n: p for n, p in model.named_parameters() if id(p) not in linear_params}
+    model, linears, targets, plain = build_model(plan, device, dtype, options, tp_rank, tp_size)
 
     violations: list[str] = []
     written: set[tuple] = set()
@@ -103,10 +138,7 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
 
     # projections: every role of every on-disk module
     for mod_name, target in targets.items():
-        spec = target.layer.spec
-        out_rows = (spec.out_features if target.shard is None
-                    else spec.shard_sizes[target.shard])
-        expected = target.layer.method.disk_tensors(out_rows, spec.in_features)
+        expected = target.layer.method.disk_tensors(target.disk_rows, target.layer.spec.in_features)
         for role, tname in target.plan.tensors.items():
             tspec = expected.get(role)
             info = ckpt.tensors[tname]
@@ -118,7 +150,7 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             if bad:
                 violations.append(bad)
                 continue
-            jobs.append((tname, lambda t, tg=target, r=role: tg.layer.method.load(tg.layer, r, t, tg.shard)))
+            jobs.append((tname, lambda t, tg=target, r=role: tg.write(r, t, cfg)))
         for role, tspec in expected.items():
             if not tspec.optional and role not in target.plan.tensors:
                 violations.append(f"{mod_name}.{role}: missing ({target.layer.method.scheme.label()} needs "
@@ -136,12 +168,12 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             violations.append(f"{tname}: unexpected tensor (no parameter {canon} in {cfg.architecture})")
             continue
         written.add(canon)
-        want_shape = _local_param_shape(canon, p)
+        want_shape = disk_param_shape(canon, p, tp_size)
         bad = _check(tname, info.dtype, info.shape, TensorSpec("float", want_shape), canon)
         if bad:
             violations.append(bad)
             continue
-        jobs.append((tname, lambda t, p=p, c=canon: _write_param(p, t, c, tp_rank, tp_size)))
+        jobs.append((tname, lambda t, p=p, c=canon: write_param(p, t, c, tp_rank, tp_size)))
     for canon in plain:
         if canon not in written:
             violations.append(f"{canon}: missing from the checkpoint (expected {list(plain[canon].shape)})")
@@ -185,22 +217,23 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
     if bar:
         bar.close()
 
-    for g in linears.values():
-        for part in g.parts:
-            report.notes += [f"{part.spec.name}: {n}" for n in part.method.finalize(part) or []]
-    poisoned = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype.itemsize > 1
-                and torch.isnan(p).any()]
-    if poisoned:
-        raise CheckpointError([f"{n}: not (fully) written by the checkpoint" for n in poisoned],
-                              header=f"{ckpt.path} does not load")
+    finish_loading(model, linears, report, ckpt.path)
     report.seconds = time.perf_counter() - t0
     return model, report
 
 
-def _local_param_shape(canon: str, p: torch.Tensor) -> tuple:
+VOCAB_SHARDED = "model.embed_tokens.weight"  # split by vocabulary rows under tensor parallelism
+
+
+def disk_param_shape(canon: str, p: torch.Tensor, tp_size: int) -> tuple:
+    """The on-disk shape of a (possibly sharded) plain parameter."""
+    if canon == VOCAB_SHARDED:
+        return (p.shape[0] * tp_size,) + tuple(p.shape[1:])
     return tuple(p.shape)
 
 
-def _write_param(p: torch.Tensor, t: torch.Tensor, canon: str, tp_rank: int, tp_size: int):
+def write_param(p: torch.Tensor, t: torch.Tensor, canon: str, tp_rank: int, tp_size: int):
+    if canon == VOCAB_SHARDED and tp_size > 1:
+        t = t.narrow(0, tp_rank * p.shape[0], p.shape[0])
     p.data.copy_(t.to(p.dtype))
     return None

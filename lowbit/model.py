@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from . import parallel
 from .checkpoint import Checkpoint
 from .config import parse_dtype
 from .errors import LowbitError
@@ -18,16 +19,30 @@ def default_device() -> torch.device:
 
 
 class Model:
-    def __init__(self, net: torch.nn.Module, plan: QuantPlan, report: LoadReport, path: Path,
+    def __init__(self, net: torch.nn.Module, plan: QuantPlan, report: LoadReport, path: Path | None,
                  device: torch.device, dtype: torch.dtype, options: RunOptions):
         self.net, self.plan, self.report, self.path = net, plan, report, path
         self.config = plan.model
         self.device, self.dtype, self.options = device, dtype, options
         self._tokenizer = None
+        self._engine = None
+
+    def engine(self, slots: int, max_len: int, cuda_graphs: bool | None = None):
+        """The decode engine (lowbit.engine.Engine), kept while it has enough slots and length."""
+        from .engine import Engine
+
+        e = self._engine
+        if e is None or e.num_slots < slots or e.max_len < max_len or (cuda_graphs is not None and
+                                                                         e.cuda_graphs != cuda_graphs):
+            self._engine = None  # free the old cache before allocating the new one
+            e = self._engine = Engine(self, slots, max_len, cuda_graphs=cuda_graphs)
+        return e
 
     # ---------------------------------------------------------------- tokenizer
     @property
     def tokenizer(self):
+        if self.path is None:
+            raise LowbitError("this model has no tokenizer (a synthetic model); pass token ids instead of text")
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -58,8 +73,8 @@ class Model:
     @property
     def eos_token_ids(self) -> list[int]:
         ids = list(self.config.eos_token_ids)
-        gen = self.path / "generation_config.json"
-        if gen.exists():
+        gen = self.path / "generation_config.json" if self.path else None
+        if gen is not None and gen.exists():
             import json
 
             e = json.loads(gen.read_text()).get("eos_token_id")
@@ -99,19 +114,30 @@ class Model:
         return sum(t.numel() * t.element_size() for t in list(self.net.parameters()) + list(self.net.buffers()))
 
 
-def load(path, device=None, dtype=None, activation_quant: str = "auto", kv_cache: str = "auto",
-         trust_tensors: bool = False, use_kernels: bool = True, progress: bool = True) -> Model:
-    """Load a checkpoint directory. device: default cuda when available; dtype: default the checkpoint's."""
-    path = Path(path)
-    ckpt = Checkpoint(path)
-    device = torch.device(device) if device is not None else default_device()
+def resolve_device(device, tp_size: int = 1) -> torch.device:
+    """The device to load on: as asked, else this rank's GPU under tensor parallelism, else cuda if any."""
+    if device is None:
+        return parallel.device() if tp_size > 1 else default_device()
+    device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LowbitError("device 'cuda' requested but no CUDA GPU is available (use --device cpu)")
+    return device
+
+
+def load(path, device=None, dtype=None, activation_quant: str = "auto", kv_cache: str = "auto",
+         trust_tensors: bool = False, use_kernels: bool = True, progress: bool = True) -> Model:
+    """Load a checkpoint directory. device: default cuda when available; dtype: default the checkpoint's.
+
+    Inside a tensor-parallel group (lowbit.parallel.launch, torchrun) each rank loads its shard."""
+    path = Path(path)
+    ckpt = Checkpoint(path)
+    tp_rank, tp_size = parallel.current()
+    device = resolve_device(device, tp_size)
     options = RunOptions(activation_quant=activation_quant, kv_cache=kv_cache, use_kernels=use_kernels,
                          trust_tensors=trust_tensors)
     plan = resolve(ckpt, trust_tensors=trust_tensors)
     dtype = parse_dtype(dtype) or plan.model.dtype
-    net, report = load_model(ckpt, plan, device, dtype, options, progress=progress)
+    net, report = load_model(ckpt, plan, device, dtype, options, tp_rank, tp_size, progress=progress and tp_rank == 0)
     net.eval()
     ckpt.close()
     return Model(net, plan, report, path, device, dtype, options)

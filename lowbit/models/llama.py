@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops, parallel
 from ..config import ModelConfig
-from ..kv_cache import KVCache, fake_quant_kv
-from .rope import RotaryEmbedding, apply_rotary
+from ..kv_cache import CacheBatch, fake_quant_kv
+from .rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -22,16 +23,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.full((dim,), float("nan"), dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with a residual: (norm(x + residual), x + residual) in one pass."""
+        out, res = ops.rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, res)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_proj: nn.Module, o_proj: nn.Module, dtype, tp_size: int = 1):
         super().__init__()
         self.layer_idx = layer_idx
+        self.tp_size = tp_size
         self.head_dim = cfg.head_dim
         self.num_heads = cfg.num_heads // tp_size
         # KV heads are split across ranks, or replicated when there are fewer than ranks
@@ -47,8 +49,7 @@ class Attention(nn.Module):
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                kv_len: int | None = None):
+    def forward(self, x, cos, sin, positions, batch: CacheBatch | None = None):
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -58,34 +59,43 @@ class Attention(nn.Module):
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
-            if self.k_scale is not None:  # what an FP8 cache would do to k/v
-                k, v = fake_quant_kv(k, self.k_scale), fake_quant_kv(v, self.v_scale)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=t > 1, scale=self.scaling,
-                enable_gqa=self.num_heads != self.num_kv_heads)
+        if batch is None:
+            q, k = ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)
         else:
-            cache.write(self.layer_idx, slots, positions, k, v, self.k_scale, self.v_scale)
-            length = kv_len if kv_len is not None else int(positions.max()) + 1
-            kc, vc = cache.read(self.layer_idx, slots, length, self.k_scale, self.v_scale)
-            key_pos = torch.arange(length, device=x.device)
-            mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, L]: causal within the slot
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask[:, None],
-                scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)
-        out = out.transpose(1, 2).reshape(b, t, q_size)
-        return self.o_proj(out)
+            layer = self.layer_idx
+            kc, vc = batch.cache.k[layer], batch.cache.v[layer]
+            q, k = ops.rope_and_store(q, k, v, cos, sin, kc, vc, batch.slots, positions, self.k_scale, self.v_scale)
+        if batch is not None and batch.decode:
+            out = ops.decode_attention(q[:, 0], kc, vc, batch.slots, positions[:, 0], self.scaling,
+                                       self.k_scale, self.v_scale)
+        else:  # a whole sequence from position 0: causal attention over the new tokens
+            if self.k_scale is not None:  # what the FP8 cache holds
+                k, v = fake_quant_kv(k, self.k_scale), fake_quant_kv(v, self.v_scale)
+            out = _causal_attention(q, k, v, self.scaling).transpose(1, 2)
+        out = self.o_proj(out.reshape(b, t, q_size))
+        return parallel.all_reduce(out) if self.tp_size > 1 else out
+
+
+def _causal_attention(q, k, v, scale):
+    """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, H, T, D]. On CUDA the KV heads are repeated so
+    that the flash kernel serves grouped-query attention too."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and q.is_cuda:
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
-    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module):
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, tp_size: int = 1):
         super().__init__()
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.tp_size = tp_size
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return parallel.all_reduce(out) if self.tp_size > 1 else out
 
 
 class DecoderLayer(nn.Module):
@@ -96,18 +106,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, idx, linears[f"{p}.self_attn.qkv_proj"], linears[f"{p}.self_attn.o_proj"],
                                    dtype, tp_size)
-        self.mlp = MLP(linears[f"{p}.mlp.gate_up_proj"], linears[f"{p}.mlp.down_proj"])
+        self.mlp = MLP(linears[f"{p}.mlp.gate_up_proj"], linears[f"{p}.mlp.down_proj"], tp_size)
 
-    def forward(self, x, cos, sin, positions, cache=None, slots=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, slots, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, positions, batch=None):
+        """x: the previous block's output; residual: the residual stream before it (None in layer 0).
+        Returns (this layer's MLP output, the residual stream before it): the adds are fused into
+        the next norm."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, positions, batch), residual)
+        return self.mlp(h), residual
 
 
 class TextModel(nn.Module):
     def __init__(self, cfg: ModelConfig, linears: dict[str, nn.Module], dtype, tp_size: int = 1):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False).fill_(float("nan"))
+        self.embed_tokens = parallel.VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, linears, dtype, tp_size) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -118,20 +134,24 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, linears: dict[str, nn.Module], dtype, tp_size: int = 1):
         super().__init__()
         self.config = cfg
+        self.tp_size = tp_size
         self.model = TextModel(cfg, linears, dtype, tp_size)
         self.lm_head = None if cfg.tie_word_embeddings else linears["lm_head"]
         self.rotary = RotaryEmbedding(cfg)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
-        """input_ids, positions [B, T] -> final hidden states [B, T, H] (after the norm)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: CacheBatch | None = None) -> torch.Tensor:
+        """input_ids, positions [B, T] -> final hidden states [B, T, H] (after the norm).
+        batch: how to use the KV cache (None: a cache-less causal forward from position 0)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache, slots, kv_len)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, positions, batch)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight)
-        return self.lm_head(hidden)
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return parallel.all_gather_last(logits) if self.tp_size > 1 else logits
