@@ -1,0 +1,152 @@
+"""Random-weight models with real shapes, in any scheme, built in memory (`--synthetic NAME --scheme S`).
+
+Each projection is drawn in bf16 one slot at a time on the target device, encoded into its on-disk
+tensors by `lowbit.quantize.rtn` (the producers' own bytes), and handed to the scheme unit through
+the same `Target.write` path the checkpoint loader uses; so a synthetic model runs exactly the code
+a real checkpoint runs, and no bf16 copy of the whole model ever exists. Under tensor parallelism
+every rank draws the same full tensors (seeded by name) and keeps its slice.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from . import parallel
+from .config import parse_model_config
+from .errors import ConfigError
+from .loader import LoadReport, build_model, disk_param_shape, finish_loading, write_param
+from .model import Model, resolve_device
+from .models.layout import linear_slots
+from .quant.base import RunOptions
+from .quant.numerics import FP8_MAX
+from .quant.resolve import LayerPlan, QuantPlan, expected_params
+from .quant.scheme import Scheme, unquantized
+from .quantize import rtn
+from .quantize.recipes import preset
+
+_LLAMA3 = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+               intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000,
+               eos_token_id=128001, rope_parameters={"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 8192})
+CONFIGS = {
+    "llama-3-8b": _LLAMA3,
+    # two decoder layers of Llama-3-70B's shapes, with its embedding and head
+    "llama-3-70b-layer": _LLAMA3 | dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=2,
+                                        num_attention_heads=64),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                     bos_token_id=151643, eos_token_id=151645, rope_parameters={"rope_theta": 1000000.0,
+                                                                                "rope_type": "default"}),
+    # for tests: small, but every K a multiple of 128 per rank at tp=2 (int4 groups of 128)
+    "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=256,
+                 intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+                 eos_token_id=2, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+}
+
+# --scheme names of the issue -> (quantize preset, on-disk format); any other preset name of
+# `lowbit quantize` (w4a16-g64-asym, w8a16, nvfp4a16, ...) works too, in its first format.
+SCHEMES = {
+    "fp8": ("fp8", "modelopt"),  # per-tensor weights, static per-tensor activations
+    "fp8-channel": ("fp8-dynamic", "modelopt"),  # FP8_PER_CHANNEL_PER_TOKEN
+    "nvfp4": ("nvfp4", "modelopt"),  # W4A4 on disk; runs weight-only on Hopper
+    "w4a16-nvfp4": ("nvfp4a16", "modelopt"),
+    "int4-g128": ("w4a16-g128", "compressed-tensors"),
+    "int8-w8a8": ("w8a8", "compressed-tensors"),
+}
+WEIGHT_STD = 0.02  # transformers' initializer_range
+# Static activation scales (FP8 input_scale, NVFP4 input global scale, FP8 KV scales) need a
+# calibrated amax; synthetic activations are taken to lie within +-8.
+ASSUMED_AMAX = 8.0
+
+
+def scheme_names() -> list[str]:
+    return ["bf16"] + list(SCHEMES)
+
+
+def parse_scheme(name: str) -> Scheme:
+    if name in ("bf16", "fp16", "fp32"):
+        return unquantized(name)
+    preset_name, fmt = SCHEMES.get(name, (name, None))
+    try:
+        p = preset(preset_name)
+    except ConfigError:
+        raise ConfigError(f"unknown --scheme {name!r}; use one of {', '.join(scheme_names())} or a "
+                          f"`lowbit quantize` preset (w4a16-g64, w8a16-channel, nvfp4a16, ...)") from None
+    return p.scheme(fmt or p.formats()[0])
+
+
+def model_config(name: str, overrides: dict | None = None) -> dict:
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown --synthetic model {name!r}; use one of {', '.join(CONFIGS)}")
+    return CONFIGS[name] | (overrides or {})
+
+
+def _randn(shape, name: str, seed: int, device, std: float) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return (torch.randn(shape, generator=gen, device=device) * std).to(torch.bfloat16)
+
+
+def _plan(cfg, scheme: Scheme, lm_head_quant: bool) -> QuantPlan:
+    slots = linear_slots(cfg)
+    layers = {}
+    for slot in slots:
+        s = scheme if slot.fused_name != "lm_head" or lm_head_quant else unquantized("bf16")
+        for i, name in enumerate(slot.shards):
+            layers[name] = LayerPlan(name, slot.fused_name, i if len(slot.shards) > 1 else None, s,
+                                     reason="synthetic")
+    params = {p: p for p in expected_params(cfg)}
+    return QuantPlan(model=cfg, slots=slots, layers=layers, params=params, kv_cache=None)
+
+
+def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, device=None,
+          dtype: torch.dtype = torch.bfloat16, seed: int = 0, kv_cache: str = "auto",
+          activation_quant: str = "auto", use_kernels: bool = True, overrides: dict | None = None) -> Model:
+    """A random-weight model of CONFIGS[name]'s shapes in `scheme` (bf16 or see SCHEMES).
+
+    kv_cache='fp8' gives it an FP8 KV cache with synthetic scales; inside a tensor-parallel group
+    each rank builds its shard."""
+    cfg = parse_model_config(model_config(name, overrides), where=f"--synthetic {name}")
+    sch = parse_scheme(scheme)
+    tp_rank, tp_size = parallel.current()
+    device = resolve_device(device, tp_size)
+    options = RunOptions(activation_quant=activation_quant, use_kernels=use_kernels)
+    plan = _plan(cfg, sch, lm_head_quant)
+    model, linears, targets, plain = build_model(plan, device, dtype, options, tp_rank, tp_size)
+    report = LoadReport(notes=[f"synthetic {name}: random weights (std {WEIGHT_STD}), {sch.label()}"
+                               f"{', lm_head too' if lm_head_quant and sch.quantized else ''}"])
+    amax_in = torch.tensor(ASSUMED_AMAX, dtype=torch.bfloat16, device=device)
+    with torch.inference_mode():
+        for slot in plan.slots:
+            shards = [plan.layers[s] for s in slot.shards]
+            weights = {p.name: _randn((slot.shard_sizes[p.shard or 0], slot.in_features), p.name, seed, device,
+                                      WEIGHT_STD) for p in shards}
+            shared = rtn.shared_amax(list(weights.values()))  # fused shards share per-tensor scales
+            for p in shards:
+                w = weights.pop(p.name)
+                disk = rtn.encode(p.scheme, w, shared) if p.scheme.quantized else {"weight": w}
+                disk |= rtn.activation_tensors(p.scheme, amax_in) if p.scheme.quantized else {}
+                for role, t in disk.items():
+                    targets[p.name].write(role, t, cfg)
+                    report.tensors_read += 1
+                    report.bytes_read += t.numel() * t.element_size()
+        for canon, param in plain.items():
+            std = WEIGHT_STD if canon == "model.embed_tokens.weight" else 0.1
+            t = _randn(disk_param_shape(canon, param, tp_size), canon, seed, device, std)
+            if canon != "model.embed_tokens.weight":
+                t = t + 1.0  # norm weights around 1
+            write_param(param, t, canon, tp_rank, tp_size)
+            report.bytes_read += t.numel() * t.element_size()
+        if kv_cache == "fp8":
+            plan.kv_cache = "fp8"
+            scale = torch.tensor(ASSUMED_AMAX / FP8_MAX, device=device)
+            for layer in model.model.layers:
+                layer.self_attn.k_scale, layer.self_attn.v_scale = scale, scale
+    finish_loading(model, linears, report, f"--synthetic {name}")
+    model.eval()
+    return Model(model, plan, report, None, device, dtype, options)
