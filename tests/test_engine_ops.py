@@ -1,0 +1,105 @@
+"""The fused decoder ops (lowbit/ops.py): Triton kernels against their PyTorch references.
+
+On CPU the kernels run in Triton's interpreter, in a subprocess (TRITON_INTERPRET must be set
+before triton compiles anything). The interpreter has no bf16 matmul and rounds FP8 wrongly at
+exponent boundaries, so there fp16/fp32 are checked (bit-exact where the reference rounds the
+same way) and bf16/FP8 are checked on a GPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+
+triton = pytest.importorskip("triton")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def without_triton(ops, fn, *args):
+    """Run an op through its reference path."""
+    real = ops.use_triton
+    ops.use_triton = lambda x: False
+    try:
+        return fn(*args)
+    finally:
+        ops.use_triton = real
+
+
+def check_ops(device: str, dtypes, exact_fp8: bool) -> None:
+    from lowbit import ops
+
+    for dt in dtypes:
+        x = torch.randn(7, 1000, dtype=dt, device=device)
+        r = torch.randn(7, 1000, dtype=dt, device=device)
+        w = (1 + 0.1 * torch.randn(1000, device=device)).to(dt)
+        a, ra = ops.rms_norm(x, w, 1e-5, r)
+        b, rb = without_triton(ops, ops.rms_norm, x, w, 1e-5, r)
+        tol = 1e-6 if dt == torch.float32 else 1e-3  # sum order of the statistics: rare 1-ulp flips
+        assert torch.equal(ra, rb) and rel_err(a, b) < tol
+        assert rel_err(ops.rms_norm(x, w, 1e-5)[0], without_triton(ops, ops.rms_norm, x, w, 1e-5)[0]) < tol
+        y = torch.randn(3, 2 * 1500, dtype=dt, device=device)
+        # exp differs in the last fp32 bit between libraries: a rare 1-ulp flip after rounding
+        assert rel_err(ops.silu_mul(y), ops.silu_mul_ref(y)) < (1e-6 if dt == torch.float32 else 1e-3)
+        for d, rot in ((64, 64), (96, 48)):  # full and partial rotary
+            _check_rope(ops, dt, device, d, rot, exact_fp8)
+            _check_decode_attention(ops, dt, device, d)
+
+
+def _check_rope(ops, dt, device, d, rot, exact_fp8):
+    b, t, h, hkv = 2, 3, 4, 2
+    qkv = torch.randn(b, t, (h + 2 * hkv) * d, dtype=dt, device=device)
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], -1)
+    q, k, v = q.view(b, t, h, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
+    ang = torch.randn(b, t, rot // 2, device=device).repeat(1, 1, 2)
+    cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+    slots = torch.tensor([2, 0], device=device)
+    pos = torch.tensor([[0, 1, 2], [5, 6, 7]], device=device)
+    for fp8 in (False, True):
+        store = torch.float8_e4m3fn if fp8 else dt
+        caches = [torch.randn(4, 10, hkv, d, device=device).to(store) for _ in range(2)]
+        caches += [c.clone() for c in caches]
+        scales = (torch.tensor(0.05, device=device), torch.tensor(0.03, device=device)) if fp8 else (None, None)
+        qa, ka = ops.rope_and_store(q, k, v, cos, sin, caches[0], caches[1], slots, pos, *scales)
+        qb, kb = without_triton(ops, ops.rope_and_store, q, k, v, cos, sin, caches[2], caches[3], slots, pos, *scales)
+        assert torch.equal(qa, qb) and torch.equal(ka, kb)
+        if exact_fp8 or not fp8:
+            assert torch.equal(caches[0].float(), caches[2].float()) and torch.equal(caches[1].float(), caches[3].float())
+
+
+def _check_decode_attention(ops, dt, device, d):
+    s, length, h, hkv = 5, 150, 8, 2
+    for fp8 in (False, True):
+        kc, vc = torch.randn(s, length, hkv, d, device=device), torch.randn(s, length, hkv, d, device=device)
+        ks = vs = None
+        if fp8:
+            ks, vs = torch.tensor(0.02, device=device), torch.tensor(0.03, device=device)
+            kc, vc = ops.quantize_kv(kc * 0.1, ks), ops.quantize_kv(vc * 0.1, vs)
+        else:
+            kc, vc = kc.to(dt), vc.to(dt)
+        q = torch.randn(3, h, d, dtype=dt, device=device)
+        slots, pos = torch.tensor([4, 1, 0], device=device), torch.tensor([0, 149, 70], device=device)
+        a = ops.decode_attention(q, kc, vc, slots, pos, d ** -0.5, ks, vs)
+        b = ops.decode_attention_ref(q, kc, vc, slots, pos, d ** -0.5, ks, vs)
+        assert rel_err(a, b) < (1e-5 if dt == torch.float32 else 1e-2), (dt, d, fp8)
+
+
+def test_triton_ops_in_the_interpreter():
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_engine_ops as t; "
+            "t.check_ops('cpu', (torch.float16, torch.float32), exact_fp8=False)" % str(Path(__file__).parent))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@requires_cuda
+def test_triton_ops_on_gpu():
+    check_ops("cuda", (torch.bfloat16, torch.float16), exact_fp8=True)
