@@ -1,0 +1,77 @@
+"""Per-token activation quantization for W8A8 (FP8 E4M3 or int8), one fused Triton kernel.
+
+One program per row: pass 1 takes the row's amax (dynamic scales), pass 2 divides, rounds,
+saturates and stores, so x is read from HBM once (the second pass hits L2) and written once as
+8-bit codes. Numerics match lowbit.quant.numerics:
+
+  fp8:  s = max(amax / 448, 1e-12); q = e4m3_rne(clamp(x / s, +-448))
+  int8: s = max(amax / 127, 1e-12); q = clamp(round_half_even(x / s), -128, 127)
+
+A static scale (a checkpoint's input_scale) replaces the amax pass. The division is IEEE
+(div_rn), and the rounding is done in fp32 arithmetic so that the result is bit-exact on GPU and
+in the CPU interpreter alike.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_e4m3(v):
+    """Round fp32 v (|v| <= 448) to the nearest E4M3 value, ties to even, staying in fp32.
+
+    Adding c = 1.5 * 2^(e+20), e = max(exponent(v), -6), leaves exactly E4M3's 3 mantissa bits (or
+    its fixed 2^-9 step below 2^-6) in the sum; subtracting c back is exact.
+    """
+    e = tl.maximum((v.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True), 2.0 ** -6)
+    c = e * 1572864.0
+    return (v + c) - c
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, K, stride_xm, stride_qm,
+                       IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    QMAX: tl.constexpr = 127.0 if IS_INT else 448.0
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    offs = tl.arange(0, BLOCK)
+    if STATIC:
+        s = tl.load(in_scale_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)
+    for k0 in range(0, K, BLOCK):
+        ok = k0 + offs < K
+        v = tl.math.div_rn(tl.load(x_row + k0 + offs, mask=ok, other=0.0).to(tl.float32), s)
+        if IS_INT:  # + - 1.5*2^23 rounds |v| < 2^22 to an integer, ties to even
+            q = tl.clamp((v + 12582912.0) - 12582912.0, -128.0, 127.0).to(tl.int8)
+        else:
+            q = _round_e4m3(tl.clamp(v, -448.0, 448.0)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        tl.store(q_row + k0 + offs, q, mask=ok)
+    tl.store(s_ptr + row, s)
+
+
+def quant_rows(x: torch.Tensor, dtype: torch.dtype, input_scale: torch.Tensor | None = None):
+    """x [M, K] bf16/fp16 -> (codes [M, K] of `dtype` (float8_e4m3fn or int8), scales fp32 [M]).
+
+    input_scale: a static per-tensor scale (0-d or [1]); None computes one scale per row.
+    """
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    is_int = dtype == torch.int8
+    q = torch.empty((m, k), dtype=torch.int8 if is_int else torch.uint8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 4096)
+        static = input_scale is not None
+        _quant_rows_kernel[(m,)](
+            x, q, s, input_scale.reshape(1).float() if static else s, k, x.stride(0), q.stride(0),
+            IS_INT=is_int, STATIC=static, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    return (q if is_int else q.view(torch.float8_e4m3fn)), s
