@@ -13,9 +13,13 @@ from .quant.resolve import LayerPlan, QuantPlan, resolve
 MAIN_ROLES = ("weight", "weight_packed", "bias")  # everything else of a projection is a scale/metadata tensor
 
 
+def _slots(plan: QuantPlan) -> dict:
+    return {s.fused_name: s for s in plan.slots}
+
+
 def _layout(plan: QuantPlan, lp: LayerPlan) -> str | None:
     """fused (one tensor on disk) | split (shards on disk, run as one) | unfused (shards run separately)."""
-    slot = next(s for s in plan.slots if s.fused_name == lp.slot)
+    slot = _slots(plan)[lp.slot]
     if len(slot.shards) == 1:
         return None
     if lp.shard is None:
@@ -48,7 +52,8 @@ def report(path, trust_tensors: bool = False) -> dict:
     ckpt = Checkpoint(path)
     plan = resolve(ckpt, trust_tensors=trust_tensors)
     cfg = plan.model
-    order = {slot.fused_name: i for i, slot in enumerate(plan.slots)}
+    slots = _slots(plan)
+    order = {name: i for i, name in enumerate(slots)}
     plans = sorted(plan.layers.values(), key=lambda lp: (order[lp.slot], lp.shard or 0))
     layers = [_layer(ckpt, plan, lp) for lp in plans]
 
@@ -56,7 +61,7 @@ def report(path, trust_tensors: bool = False) -> dict:
     elems_q = elems_all = 0
     for lp in plans:
         by_scheme[lp.scheme.label()] += sum(ckpt.tensors[t].nbytes for t in lp.tensors.values())
-        slot = next(s for s in plan.slots if s.fused_name == lp.slot)
+        slot = slots[lp.slot]
         rows = slot.out_features if lp.shard is None else slot.shard_sizes[lp.shard]
         elems_all += rows * slot.in_features
         elems_q += rows * slot.in_features if lp.scheme.quantized else 0
