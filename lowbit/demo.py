@@ -62,8 +62,25 @@ def build_tokenizer(out: Path, vocab_size: int = 512):
     return fast
 
 
+def bigram_weights(token_ids: list[int], vocab: int, hidden: int, gen: torch.Generator):
+    """Embeddings and an LM head that make the model predict the sample text's bigram statistics.
+
+    A random model's logits are nearly flat, so any quantization noise flips its top-1 token and the
+    demo would show only noise. Instead, without any training: random unit-RMS embeddings E, and an
+    LM head W solving E @ W.T ~= log P(next | current) in least squares (rank `hidden`).
+    """
+    ids = torch.tensor(token_ids)
+    counts = torch.full((vocab, vocab), 0.05)
+    counts.index_put_((ids[:-1], ids[1:]), torch.ones(len(ids) - 1), accumulate=True)
+    logp = counts.log() - counts.sum(-1, keepdim=True).log()
+    logp = logp - logp.mean(-1, keepdim=True)  # softmax ignores a per-row constant
+    emb = torch.randn(vocab, hidden, generator=gen)
+    head = torch.linalg.lstsq(emb, logp).solution.T.contiguous()  # [vocab, hidden]
+    return emb, head
+
+
 def build_base_model(out: Path, seed: int = 0):
-    """A small random Llama (hidden 256, 4 layers, GQA, untied head), saved in bf16."""
+    """A small Llama (hidden 256, 4 layers, GQA, untied head) that babbles the sample text, in bf16."""
     import transformers
 
     tok = build_tokenizer(out)
@@ -71,11 +88,18 @@ def build_base_model(out: Path, seed: int = 0):
         vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, max_position_embeddings=1024, tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.05)
-    gen = torch.random.fork_rng()
-    with gen:
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
+        model = transformers.LlamaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    emb, head = bigram_weights(tok(DATA.read_text(encoding="utf-8"))["input_ids"], len(tok), 256, gen)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(emb)
+        model.lm_head.weight.copy_(head)
+        for layer in model.model.layers:  # keep the residual stream close to the token's embedding
+            layer.self_attn.o_proj.weight.mul_(0.5)
+            layer.mlp.down_proj.weight.mul_(0.5)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return tok
 
 
