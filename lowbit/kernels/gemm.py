@@ -70,8 +70,8 @@ def _weight_tile(units, scale, offset, DT: tl.constexpr, FMT: tl.constexpr, HAS_
     unit or per row; the int offset is the storage offset 2^(b-1) plus the zero point."""
     if FMT == 3:  # fp8 bytes: used as stored (fp8 x) or cast (weight-only)
         w = units.to(tl.float8e4nv, bitcast=True).to(DT)
-    elif FMT == 4:
-        w = units
+    elif FMT == 4:  # int8: used as stored (int8 x) or cast (weight-only)
+        w = units if DT == tl.int8 else units.to(tl.float32).to(DT)
     elif FMT == 0:
         w = dq.nvfp4_tile(units, scale, DT, USE_ASM)
     elif FMT == 1:

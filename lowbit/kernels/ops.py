@@ -1,4 +1,4 @@
-"""Public linear functions over the scheme units' in-memory layouts (see lowbit/kernels/__init__).
+"""The public linear functions over the scheme units' in-memory layouts (see lowbit/kernels).
 
 This module imports Triton only inside the functions, so `import lowbit.kernels` works without it.
 Each function takes x [..., K] in bf16/fp16 and returns [..., N] in x's dtype.
@@ -111,15 +111,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 W8A8: int8 weights [N, K] with an fp32 per-row scale; x quantized to int8 per token
-    (scale amax/127, round half to even) or with the static symmetric `input_scale`; int8 tensor
-    cores, int32 accumulation, both scales in the epilogue."""
+                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                quantize_input: bool = True) -> torch.Tensor:
+    """int8 weights [N, K] with an fp32 per-row scale. quantize_input (W8A8): x quantized to int8
+    per token (scale amax/127, round half to even) or with the static symmetric `input_scale`; int8
+    tensor cores, int32 accumulation, both scales in the epilogue. Else weight-only (upcast)."""
     from .act_quant import quant_rows
     from .gemm import FMT_I8, gemm
 
     n, k = weight.shape
     _check_x(x, k, "int8_linear")
+    if not quantize_input:
+        return gemm(x, weight, FMT_I8, k, row_scale=_row_vector(weight_scale, n), bias=bias)
     x2 = x.reshape(-1, k)
     xq, xs = quant_rows(x2, torch.int8, input_scale)
     y = gemm(xq, weight, FMT_I8, k, row_scale=_row_vector(weight_scale, n), x_scale=xs, bias=bias,

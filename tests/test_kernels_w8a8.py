@@ -1,0 +1,127 @@
+"""W8A8 kernels: the fused per-token activation quantizer (bit-exact against the references) and the
+FP8 / int8 GEMMs on quantized activations. Triton runs in TRITON_INTERPRET mode without a GPU;
+torch._scaled_mm (large-M FP8) only runs on one."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
+
+pytest.importorskip("triton")
+
+from lowbit import kernels  # noqa: E402
+from lowbit.kernels import ops  # noqa: E402
+from lowbit.kernels.act_quant import quant_rows  # noqa: E402
+from lowbit.quant import numerics as nm  # noqa: E402
+
+from conftest import requires_cuda  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 8e-3  # exact products, fp32 sums, one bf16 rounding of the output
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all()
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def activations(m, k, dtype=torch.bfloat16):
+    # rows of very different magnitudes, so per-token scales matter
+    return (torch.randn(m, k) * torch.logspace(-2, 2, m)[:, None]).to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_dynamic_quant_is_bit_exact(dtype):
+    x = activations(5, 300, dtype)
+    x[2] = 0  # an all-zero row keeps a finite scale and zero codes
+    q, s = quant_rows(x, torch.float8_e4m3fn)
+    s_ref = (x.float().abs().amax(-1) / nm.FP8_MAX).clamp(min=1e-12)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), nm.quantize_fp8(x.float(), s_ref[:, None]).view(torch.uint8))
+
+
+def test_fp8_rounding_ties_and_saturation():
+    """Controlled values: E4M3 ties go to the even mantissa, across binades and in the subnormals."""
+    vals = [448.0, 17.0, 19.0, 240.0, 232.0, 2.0 ** -10 * 3, 2.0 ** -10, 0.0, -17.0, 500.0, -1000.0, 1.0625]
+    x = torch.tensor([vals], dtype=torch.float32).to(DEV)
+    q, _ = quant_rows(x.to(torch.bfloat16), torch.float8_e4m3fn, torch.tensor(1.0, device=DEV))
+    expect = torch.tensor([vals]).clamp(-448, 448).to(torch.float8_e4m3fn)  # torch rounds to nearest even
+    assert torch.equal(q.cpu().view(torch.uint8), expect.view(torch.uint8))
+    assert q.float()[0, 1] == 16.0 and q.float()[0, 2] == 20.0  # 17 -> 16, 19 -> 20 (even mantissas)
+
+
+def test_int8_quant_is_bit_exact_with_ties_to_even():
+    x = activations(4, 200)
+    x[0, :6] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 1.5])  # amax 127: scale 1, exact ties
+    x[0, 6:] = x[0, 6:].clamp(-100, 100)
+    q, s = quant_rows(x, torch.int8)
+    xf = x.float()
+    s_ref = xf.abs().amax(-1) / 127.0
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, torch.round(xf / s_ref[:, None]).clamp(-128, 127).to(torch.int8))
+    assert q[0, :6].tolist() == [127, 2, 4, -2, 0, 2]
+
+
+def test_static_scale_quant():
+    x = activations(3, 64)
+    scale = torch.tensor([0.05], device=DEV)
+    q, s = quant_rows(x, torch.int8, scale)
+    assert torch.equal(s, torch.full((3,), 0.05, device=DEV))
+    assert torch.equal(q, torch.round(x.float() / 0.05).clamp(-128, 127).to(torch.int8))
+    q8, _ = quant_rows(x, torch.float8_e4m3fn, scale)
+    assert torch.equal(q8.view(torch.uint8), nm.quantize_fp8(x.float(), 0.05).view(torch.uint8))
+
+
+def fp8_weight(n, k):
+    w = (torch.randn(n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).to(DEV)
+    return w, (torch.rand(n) * 0.01 + 1e-3).to(DEV)
+
+
+@pytest.mark.parametrize("m,n,k,static", [(1, 72, 96, False), (3, 80, 160, True), (33, 72, 256, False)])
+def test_fp8_w8a8_matches_reference(m, n, k, static):
+    w, ws = fp8_weight(n, k)
+    x = activations(m, k)
+    bias = torch.randn(n, dtype=torch.bfloat16, device=DEV)
+    scale = torch.tensor(x.float().abs().max().item() / 448, device=DEV) if static else None
+    y = kernels.fp8_linear(x, w, ws, scale, bias)
+    xq = nm.fake_quant_fp8_activation(x.float(), scale)
+    ref = xq @ (w.float() * ws[:, None]).T + bias.float()
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) < TOL
+
+
+@pytest.mark.parametrize("m,static,dtype", [(1, False, torch.bfloat16), (5, True, torch.float16),
+                                            (33, False, torch.bfloat16)])
+def test_int8_w8a8_matches_reference(m, static, dtype):
+    n, k = 72, 208
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
+    ws = (torch.rand(n) * 0.01 + 1e-3).to(DEV)
+    x = activations(m, k, dtype)
+    scale = torch.tensor(0.03, device=DEV) if static else None
+    y = kernels.int8_linear(x, w, ws, scale)
+    xs = torch.full((m, 1), 0.03, device=DEV) if static else x.float().abs().amax(-1, keepdim=True) / 127
+    q = torch.round(x.float() / xs).clamp(-128, 127)
+    ref = (q.double() @ w.double().T).float() * xs * ws  # exact integer sums
+    assert y.dtype == dtype and rel_err(y, ref) < TOL
+
+
+def test_int8_weight_only():
+    n, k = 72, 130
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
+    ws = (torch.rand(n) * 0.01 + 1e-3).to(DEV)
+    x = activations(3, k)
+    y = kernels.int8_linear(x, w, ws, quantize_input=False)
+    assert rel_err(y, x.float() @ (w.float() * ws[:, None]).T) < TOL
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, ops.SCALED_MM_MIN_M, 300])
+def test_gpu_fp8_w8a8_both_paths(m):
+    """Below SCALED_MM_MIN_M the Triton kernel runs, from it on torch._scaled_mm: same function."""
+    n, k = 4304, 4096
+    w, ws = fp8_weight(n, k)
+    x = activations(m, k)
+    bias = torch.randn(n, dtype=torch.bfloat16, device=DEV)
+    ref = nm.fake_quant_fp8_activation(x.float(), None) @ (w.float() * ws[:, None]).T + bias.float()
+    assert rel_err(kernels.fp8_linear(x, w, ws, None, bias), ref) < TOL
