@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lowbit.checkpoint import TORCH_TO_ST
-from lowbit.errors import CheckpointError
+from lowbit.errors import CheckpointError, ConfigError
 from lowbit.quant.base import LinearSpec, QLinear, RunOptions
 from lowbit.quant.formats import check_tensor
 from lowbit.quant.methods import method_class
@@ -288,3 +288,9 @@ def test_no_full_precision_copy_of_the_weight(name):
     n_elems = sum(sizes) * k
     # the payload plus at most 1 bit per element of group scales / zero points and 8 bytes per row
     assert layer.method.weight_bytes(layer) <= n_elems * (scheme.bits + 1) / 8 + 8 * sum(sizes)
+
+
+@pytest.mark.parametrize("name", ["ct-nvfp4", "ct-w4a16-g32-asym", "modelopt-fp8"])
+def test_tensor_parallel_sizes_that_do_not_divide_are_refused(name):
+    with pytest.raises(ConfigError, match="rows of a shard is 33, not a multiple of 2"):
+        build(SCHEMES[name], (64, 33), 192, parallel="column", tp_size=2)  # e.g. an odd vocabulary

@@ -89,3 +89,12 @@ def test_unsupported_layouts_are_config_errors():
         build(Scheme(weight="int4", granularity="tensor", packed=True, fmt="compressed-tensors"), (8,), 64)
     with pytest.raises(ConfigError, match="in_features per rank is 48, not a multiple of 32"):
         build(SCHEMES["ct-w4a16-g32"], (8,), 96, parallel="row", tp_size=2)
+
+
+def test_scales_rounded_to_a_narrower_model_dtype_are_reported():
+    scheme = SCHEMES["ct-w4a16-g32"]
+    disk = make_disk(scheme, 16, 64)
+    disk["weight_scale"][0, 0] = 1e-6  # an fp16 subnormal: bf16 -> fp16 loses precision
+    notes = load(build(scheme, (16,), 64, dtype=torch.float16), {None: disk})
+    assert any("rounded to the model dtype torch.float16" in n for n in notes)
+    assert not load(build(scheme, (16,), 64, dtype=torch.bfloat16), {None: disk})

@@ -35,6 +35,12 @@ class QuantMethod(LinearMethod):
             raise ConfigError(f"activation_quant={self.options.activation_quant!r}; "
                               f"use one of {', '.join(ACTIVATION_QUANT_MODES)}")
         s = self.spec
+        if s.tp_size > 1 and s.parallel == "column":
+            for size in s.shard_sizes:
+                self.require_multiple("the rows of a shard", size, s.tp_size, "use a tensor-parallel size that "
+                                      "divides every shard's rows (vocabulary, heads x head_dim, intermediate)")
+        if s.tp_size > 1 and s.parallel == "row":
+            self.require_multiple("in_features", s.in_features, s.tp_size, TP_FIX)
         self.create_weights(layer)
         layer.bias = self.new_param(layer, "bias", (s.local_out_features,), self.dtype) if s.bias else None
         # Activation scales arrive once per shard; they are merged into one value in finalize.
@@ -60,8 +66,8 @@ class QuantMethod(LinearMethod):
         notes = self._merge_act_scales(layer)
         unwritten = [name for name, p in layer.named_parameters(recurse=False) if _poisoned(p)]
         if unwritten:
-            raise CheckpointError([f"{self.spec.name}.{n}: a scale slot was never written by the checkpoint "
-                                   f"(a shard's tensor is missing) or holds NaN" for n in unwritten])
+            raise CheckpointError([f"{self.spec.name}.{n}: part of it was never written by the checkpoint "
+                                   f"(a shard's tensor is missing) or it holds NaN" for n in unwritten])
         return notes
 
     def forward(self, layer, x):

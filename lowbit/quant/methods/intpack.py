@@ -53,6 +53,7 @@ class PackedIntMethod(QuantMethod):
         elif role == "weight_scale":
             self.put(layer, role, rows, self.tp_slice(tensor, 0, k_col, shard=shard), role, shard,
                      disk_shape=tensor.shape)
+            return _rounding_note(tensor, self.dtype)
         elif role == "weight_zero_point" and not self.scheme.symmetric:
             self.require_dtype(tensor, torch.int32, role, shard)
             zp = unpack_int32(tensor, self.bits, self._disk_rows(shard), dim=0)
@@ -82,3 +83,12 @@ class PackedIntMethod(QuantMethod):
 
     def reference_forward(self, layer, x):
         return F.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
+
+
+def _rounding_note(scale: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Scales are kept in the model dtype; say so when that changes any of them (bf16 -> fp16)."""
+    changed = int((scale.to(dtype).to(scale.dtype) != scale).sum())
+    if not changed:
+        return None
+    return (f"{changed} of {scale.numel()} weight scales ({scale.dtype}) rounded to the model dtype {dtype}; "
+            f"load with dtype={str(scale.dtype).replace('torch.', '')} to keep them exact")
