@@ -127,7 +127,7 @@ def plan_modules(ckpt: Checkpoint, cfg: ModelConfig, disk: dict[str, str], recip
             continue
         m.preset = recipe.preset_for(m.canonical)
         m.scheme = recipe.scheme_for(m.canonical)
-        _check_divisible(m, ckpt.tensors[f"{m.name}.weight"].shape[1])
+    _check_divisible(modules, {m.name: ckpt.tensors[f"{m.name}.weight"].shape[1] for m in modules})
     return modules
 
 
@@ -145,11 +145,18 @@ def _match_excludes(modules: list[Module], patterns: list[str]) -> set[str]:
     return excluded
 
 
-def _check_divisible(m: Module, k: int) -> None:
-    group = m.scheme.group_size if m.scheme.granularity == "group" else None
-    if group and k % group:
-        raise ConfigError(f"{m.name}: in_features {k} is not a multiple of the {m.scheme.weight_label()} group "
-                          f"size {group}; exclude it (--exclude {m.name}) or choose another group size")
+def _check_divisible(modules: list[Module], k_of: dict[str, int]) -> None:
+    """Group quantization needs in_features to be a multiple of the group size."""
+    bad: dict[tuple[int, int, str], list[str]] = {}
+    for m in modules:
+        group = m.scheme.group_size if m.scheme and m.scheme.granularity == "group" else None
+        if group and k_of[m.name] % group:
+            bad.setdefault((k_of[m.name], group, m.scheme.weight_label()), []).append(m.name)
+    if bad:
+        (k, group, label), names = next(iter(bad.items()))
+        more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+        raise ConfigError(f"{', '.join(names[:2])}{more}: in_features {k} is not a multiple of the {label} group "
+                          f"size {group}; exclude them (--exclude PAT) or choose a group size that divides {k}")
 
 
 def _layer_of(canonical: str) -> int | None:
