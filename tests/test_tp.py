@@ -1,0 +1,82 @@
+"""Issue 6: tensor parallelism. Two gloo processes give the logits of tp=1 (fp32 compute: only the
+summation order of the row-parallel all-reduce differs) for bf16 and every quantized fixture."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import lowbit
+from conftest import FIXTURES, all_fixture_names
+from lowbit import parallel, synthetic
+from lowbit.errors import ConfigError
+
+KV1 = {"num_key_value_heads": 1}  # one KV head for two ranks: replicated
+SYNTHETIC = [("bf16", None), ("int4-g128", KV1)]
+# one fixture per scheme and layout (Phi-3: fused on disk; mixed precision; FP8 KV cache; lm_head)
+FIXTURE_CASES = ["base-llama-bf16", "base-phi3-bf16", "modelopt-fp8-kvfp8", "modelopt-fp8-lmhead",
+                 "modelopt-mixed-lmhead", "modelopt-nvfp4-fused", "modelopt-w4a16_nvfp4-lmhead",
+                 "llmcompressor-fp8_dynamic-lmhead", "llmcompressor-nvfp4-lmhead", "llmcompressor-nvfp4a16",
+                 "llmcompressor-w4a16-lmhead", "llmcompressor-w8a16", "llmcompressor-w8a8-lmhead"]
+# Dynamic per-token activation scales of a row-parallel layer (o_proj, down_proj) are taken over
+# each rank's slice of K, as vLLM does, instead of the whole row: the activation rounding differs
+# from tp=1 (spec section 8 measures ~5% for such rounding changes), so these are compared loosely.
+PER_TOKEN_ACTIVATIONS = ("llmcompressor-fp8_dynamic", "llmcompressor-w8a8")
+
+
+def _model(case, seed):
+    kind, name, extra = case
+    if kind == "fixture":
+        return lowbit.load(FIXTURES / name, device="cpu", dtype="float32", progress=False)
+    return synthetic.build("tiny", name, lm_head_quant=True, device="cpu", dtype=torch.float32, seed=seed,
+                           overrides=extra)
+
+
+def _run(cases, seed, ids, prompt):
+    """What each case computes: logits of `ids`, and for the first case greedy tokens of `prompt`."""
+    out = {}
+    for i, case in enumerate(cases):
+        m = _model(case, seed)
+        out[i] = m.logits(ids)
+        if i == 0:
+            out["greedy"] = m.generate([prompt], max_new_tokens=12, ignore_eos=True)[0].output_ids
+    return out
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def cases():
+    fixtures = [("fixture", n, None) for n in FIXTURE_CASES if n in all_fixture_names()]
+    return [("synthetic", s, o) for s, o in SYNTHETIC] + fixtures
+
+
+def test_two_gloo_ranks_equal_tp1(cases):
+    seed = random.randrange(2**31)
+    ids = torch.randint(3, 500, (2, 11))
+    prompt = torch.randint(3, 500, (5,)).tolist()
+    tp2 = parallel.launch(2, _run, cases, seed, ids, prompt, backend="gloo")
+    assert torch.equal(tp2[0][0], tp2[1][0])  # every rank ends with the whole logits
+    ref = _run(cases, seed, ids, prompt)
+    assert tp2[0]["greedy"] == ref["greedy"]
+    for i, case in enumerate(cases):
+        bound = 0.1 if case[1].startswith(PER_TOKEN_ACTIVATIONS) else 1e-5
+        assert rel_err(tp2[0][i], ref[i]) < bound, case
+
+
+def _bad_tp(name):
+    synthetic.build("tiny", "bf16", device="cpu", overrides={"num_attention_heads": 3, "head_dim": 64})
+
+
+def test_tp_refuses_unsplittable_shapes():
+    with pytest.raises(lowbit.LowbitError, match="num_attention_heads 3 is not a multiple of tp=2"):
+        parallel.launch(2, _bad_tp, "tiny", backend="gloo")
+
+
+def test_kv_replication_needs_whole_heads():
+    with pytest.raises(ConfigError, match="does not split into 2 KV heads"):
+        parallel.replicate_kv(torch.zeros(3, 8), "weight", 1, (8, 3, 3), type("C", (), {"num_kv_heads": 2}), 2,
+                              "model.layers.0.self_attn.k_proj")
