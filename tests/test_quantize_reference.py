@@ -155,3 +155,28 @@ def test_activation_scales(fmt, activation):
         else:
             assert role == "input_global_scale" and s.dtype == torch.float32
             assert torch.equal(s, generate_gparam(-amax.reshape(1), amax.reshape(1)))
+
+
+def test_all_zero_groups_match_compressed_tensors():
+    """A zero block/group/row gets the producer's fallback scale (CT: the dtype's eps, E4M3: 0.125)."""
+    w = _weight(k=256)
+    w[3, :32] = 0  # zero NVFP4 blocks and int groups of 32
+    w[5] = 0  # a zero row
+    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True)
+    scale, zp = calculate_qparams(*_observe(w, 32), args)
+    ref = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                _scheme(args))
+    ours = rtn.ct_int(w, 4, 32)
+    assert torch.equal(ours["weight_scale"], ref["weight_scale"])
+    assert torch.equal(ours["weight_packed"], ref["weight_packed"])
+    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
+                            scale_dtype=torch.float8_e4m3fn)
+    g = generate_gparam(w.amin(), w.amax())
+    scale, _ = calculate_qparams(*_observe(w, 16), args, global_scale=g)
+    ref = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": g},
+                                         _scheme(args))
+    ours = rtn.ct_nvfp4(w, rtn.ct_global_scale(rtn.amax(w)))
+    assert torch.equal(ours["weight_scale"].view(torch.uint8), ref["weight_scale"].view(torch.uint8))
+    assert torch.equal(unpack_e2m1(ours["weight_packed"]), unpack_e2m1(ref["weight_packed"]))
+    mo = rtn.modelopt_nvfp4(w, rtn.amax(w))  # ModelOpt sets a zero block's scale to 1.0 before E4M3
+    assert (mo["weight_scale"][5].float() == 1.0).all()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
 from ..checkpoint import ST_DTYPES, TORCH_TO_ST, Checkpoint
 from ..config import ModelConfig, parse_model_config
 from ..errors import CheckpointError, ConfigError
@@ -91,7 +92,9 @@ def quantize(src, out, scheme: str, fmt: str, *, lm_head: bool = False, exclude=
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     prepare_output(out, src, force)
-    writer = ShardedWriter(out, max_shard)
+    # the configs name the producer whose format this is; the shards record who actually wrote them
+    writer = ShardedWriter(out, max_shard, {"quantized_by": f"lowbit {__version__} quantize --scheme {recipe.name} "
+                                                           f"--format {fmt}"})
     _run(ckpt, cfg, disk, modules, writer, tokens, device, progress)
     shards = writer.finish()
     _write_configs(ckpt, out, recipe, modules, disk)

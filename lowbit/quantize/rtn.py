@@ -99,9 +99,9 @@ def ct_nvfp4(w: torch.Tensor, global_scale: torch.Tensor) -> dict[str, torch.Ten
     """NVFP4 / NVFP4A16 weight (nvfp4-pack-quantized). `global_scale` is `ct_global_scale` of the
     tensor or, for fused shards, the smallest of theirs (llm-compressor fuses q/k/v, gate/up)."""
     blocks = _blocks(w, NVFP4_BLOCK)
-    local = blocks.abs().amax(dim=-1) / torch.tensor(E2M1_MAX, dtype=w.dtype)  # bf16
+    local = blocks.abs().amax(dim=-1) / w.new_tensor(E2M1_MAX)  # in the weight dtype
     scale = (global_scale * local).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    scale = torch.where(scale == 0, torch.tensor(FP8_EPS), scale)
+    scale = torch.where(scale == 0, FP8_EPS, scale)
     scaled = (blocks / (scale / global_scale).unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX)
     return {
         "weight_packed": pack_e2m1(_e2m1_codes(scaled).reshape(w.shape)),
@@ -119,7 +119,7 @@ def _ct_minmax(w: torch.Tensor, group_size: int | None, reduce_all: bool = False
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     else:  # per output channel
         lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
-    zero = torch.zeros((), dtype=w.dtype)
+    zero = w.new_zeros(())
     return torch.minimum(lo, zero), torch.maximum(hi, zero)
 
 
@@ -137,7 +137,7 @@ def ct_int(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool =
     group_size None = per output channel. Scales are bf16 (the weight dtype).
     """
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    span = torch.tensor(float(qmax - qmin), dtype=w.dtype)
+    span = w.new_tensor(float(qmax - qmin))
     lo, hi = _ct_minmax(w, group_size)
     zp = None
     if symmetric:
@@ -147,7 +147,7 @@ def ct_int(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool =
         # an all-zero group has scale 0; CT would divide 0/0 here, its zero point is then 0
         zp = torch.where(scale == 0, torch.zeros_like(lo), qmin - lo / scale).clamp(qmin, qmax)
         zp = torch.round(zp).to(torch.int8)
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype), scale)
+    scale = torch.where(scale == 0, torch.finfo(w.dtype).eps, scale)
     x = w / _expand(scale, w, group_size)  # in the weight dtype, as CT divides
     if zp is not None:
         x = x + _expand(zp, w, group_size).to(w.dtype)
@@ -168,8 +168,8 @@ def ct_fp8(w: torch.Tensor, per_channel: bool) -> dict[str, torch.Tensor]:
     """FP8 weights (float-quantized): scale = amax/448 in bf16, [N, 1] per channel or [1] per
     tensor; weight/scale in bf16, then cast to E4M3."""
     lo, hi = _ct_minmax(w, None, reduce_all=not per_channel)
-    scale = torch.maximum(lo.abs(), hi) / torch.tensor(FP8_MAX, dtype=w.dtype)
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype), scale)
+    scale = torch.maximum(lo.abs(), hi) / w.new_tensor(FP8_MAX)
+    scale = torch.where(scale == 0, torch.finfo(w.dtype).eps, scale)
     q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return {"weight": q, "weight_scale": scale}
 
@@ -178,7 +178,7 @@ def ct_input_scale(input_amax: torch.Tensor, activation: str) -> dict[str, torch
     """Static activation parameters: FP8 `input_scale` [1] = amax/448 in the activation dtype,
     NVFP4 `input_global_scale` F32 [1] = 6*448/amax (bf16-rounded, like the weight's)."""
     if activation == "fp8":
-        return {"input_scale": (input_amax / torch.tensor(FP8_MAX, dtype=input_amax.dtype)).reshape(1)}
+        return {"input_scale": (input_amax / input_amax.new_tensor(FP8_MAX)).reshape(1)}
     return {"input_global_scale": ct_global_scale(input_amax)}
 
 

@@ -74,9 +74,10 @@ def write_json(path: Path, data: dict, indent: int = 2, sort_keys: bool = False)
 class ShardedWriter:
     """Collects named tensors and writes them as size-limited safetensors shards plus an index."""
 
-    def __init__(self, out: Path, max_shard_bytes: int):
+    def __init__(self, out: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
         self.out = Path(out)
         self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffered = 0
         self._storages: set[int] = set()
@@ -103,7 +104,7 @@ class ShardedWriter:
         from safetensors.torch import save_file
 
         path = self.out / f".partial-{len(self._parts) + 1:05d}.safetensors"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        save_file(self._buffer, str(path), metadata=self.metadata)
         self._parts.append((path, list(self._buffer)))
         self._buffer, self._buffered, self._storages = {}, 0, set()
 
