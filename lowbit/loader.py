@@ -16,11 +16,11 @@ from . import parallel
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .models import model_class
+from .quant.formats import check_tensor
 from .quant.base import LinearGroup, LinearSpec, QLinear, RunOptions, TensorSpec
 from .quant.methods import method_class
 from .quant.resolve import LayerPlan, QuantPlan
 
-FLOAT_ST = ("BF16", "F16", "F32", "F64")
 
 
 @dataclass
@@ -85,17 +85,8 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
 
 
 def _check(name: str, t_dtype: str, t_shape: tuple, spec: TensorSpec, where: str) -> str | None:
-    ok_dtype = t_dtype in FLOAT_ST if spec.dtype == "float" else t_dtype == spec.dtype
-    if spec.shape is None:
-        ok_shape = len(t_shape) <= 1 and all(d == 1 for d in t_shape)
-        want_shape = "[] or [1]"
-    else:
-        ok_shape = tuple(t_shape) == tuple(spec.shape)
-        want_shape = str(list(spec.shape))
-    if ok_dtype and ok_shape:
-        return None
-    want_dtype = "a float dtype" if spec.dtype == "float" else spec.dtype
-    return (f"{name} ({where}): expected {want_dtype} {want_shape}, found {t_dtype} {list(t_shape)}")
+    bad = check_tensor(spec, t_dtype, t_shape)
+    return f"{name} ({where}): {bad}" if bad else None
 
 
 def build_model(plan: QuantPlan, device, dtype, options: RunOptions, tp_rank: int = 0, tp_size: int = 1):
