@@ -47,16 +47,37 @@ def _scheme(args):
     return QuantizationScheme(targets=["Linear"], weights=args)
 
 
+def _ct_pack_quantized(w, bits, group, symmetric=True):
+    """compressed-tensors' own pack-quantized tensors for w (group None: per channel)."""
+    args = QuantizationArgs(num_bits=bits, type="int", strategy="group" if group else "channel",
+                            group_size=group, symmetric=symmetric)
+    scale, zp = calculate_qparams(*_observe(w, group), args)
+    return PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                 _scheme(args))
+
+
+def _ct_nvfp4(w):
+    """compressed-tensors' own NVFP4 tensors for w, with its own global scale."""
+    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
+                            scale_dtype=torch.float8_e4m3fn)
+    global_scale = generate_gparam(w.amin(), w.amax())
+    scale, _ = calculate_qparams(*_observe(w, 16), args, global_scale=global_scale)
+    return NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": global_scale},
+                                          _scheme(args))
+
+
+def _assert_nvfp4_equal(ours, ref):
+    assert torch.equal(ours["weight_global_scale"], ref["weight_global_scale"])
+    assert torch.equal(ours["weight_scale"].view(torch.uint8), ref["weight_scale"].view(torch.uint8))
+    assert torch.equal(unpack_e2m1(ours["weight_packed"]), unpack_e2m1(ref["weight_packed"]))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, None])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_ct_pack_quantized_matches_compressed_tensors(bits, group, symmetric):
     w = _weight()
-    args = QuantizationArgs(num_bits=bits, type="int", strategy="group" if group else "channel",
-                            group_size=group, symmetric=symmetric)
-    scale, zp = calculate_qparams(*_observe(w, group), args)
-    ref = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
-                                                _scheme(args))
+    ref = _ct_pack_quantized(w, bits, group, symmetric)
     ours = rtn.ct_int(w, bits, group, symmetric)
     assert sorted(ours) == sorted(ref)
     for role in ours:
@@ -94,16 +115,7 @@ def test_ct_fp8_matches_compressed_tensors(strategy):
 
 def test_ct_nvfp4_matches_compressed_tensors():
     w = _weight(k=512)
-    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
-                            scale_dtype=torch.float8_e4m3fn)
-    global_scale = generate_gparam(w.amin(), w.amax())
-    scale, _ = calculate_qparams(*_observe(w, 16), args, global_scale=global_scale)
-    ref = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": global_scale},
-                                         _scheme(args))
-    ours = rtn.ct_nvfp4(w, rtn.ct_global_scale(rtn.amax(w)))
-    assert torch.equal(ours["weight_global_scale"], global_scale)
-    assert torch.equal(ours["weight_scale"].view(torch.uint8), ref["weight_scale"].view(torch.uint8))
-    assert torch.equal(unpack_e2m1(ours["weight_packed"]), unpack_e2m1(ref["weight_packed"]))
+    _assert_nvfp4_equal(rtn.ct_nvfp4(w, rtn.ct_global_scale(rtn.amax(w))), _ct_nvfp4(w))
 
 
 def test_ct_fused_shards_share_the_smallest_global_scale():
@@ -162,21 +174,9 @@ def test_all_zero_groups_match_compressed_tensors():
     w = _weight(k=256)
     w[3, :32] = 0  # zero NVFP4 blocks and int groups of 32
     w[5] = 0  # a zero row
-    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True)
-    scale, zp = calculate_qparams(*_observe(w, 32), args)
-    ref = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
-                                                _scheme(args))
-    ours = rtn.ct_int(w, 4, 32)
+    ours, ref = rtn.ct_int(w, 4, 32), _ct_pack_quantized(w, 4, 32)
     assert torch.equal(ours["weight_scale"], ref["weight_scale"])
     assert torch.equal(ours["weight_packed"], ref["weight_packed"])
-    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
-                            scale_dtype=torch.float8_e4m3fn)
-    g = generate_gparam(w.amin(), w.amax())
-    scale, _ = calculate_qparams(*_observe(w, 16), args, global_scale=g)
-    ref = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": g},
-                                         _scheme(args))
-    ours = rtn.ct_nvfp4(w, rtn.ct_global_scale(rtn.amax(w)))
-    assert torch.equal(ours["weight_scale"].view(torch.uint8), ref["weight_scale"].view(torch.uint8))
-    assert torch.equal(unpack_e2m1(ours["weight_packed"]), unpack_e2m1(ref["weight_packed"]))
+    _assert_nvfp4_equal(rtn.ct_nvfp4(w, rtn.ct_global_scale(rtn.amax(w))), _ct_nvfp4(w))
     mo = rtn.modelopt_nvfp4(w, rtn.amax(w))  # ModelOpt sets a zero block's scale to 1.0 before E4M3
     assert (mo["weight_scale"][5].float() == 1.0).all()
