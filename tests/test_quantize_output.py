@@ -135,3 +135,32 @@ def test_transformers_loads_compressed_tensors_output(sources, tmp_path, scheme)
     full = lowbit.load(out, device="cpu", dtype=torch.bfloat16, progress=False, activation_quant="emulate")
     loose = 0.3 if scheme == "nvfp4" else 0.1
     assert rel(full.logits(IDS).float(), hf_full) < loose
+
+
+def test_vlm_layout_keeps_names_and_vision_tower(sources, tmp_path, capsys):
+    """A text model stored under a VLM prefix (model.language_model.*) is quantized under its own
+    names, the configs use them, and vision-tower tensors travel unchanged."""
+    import shutil
+
+    import lowbit
+    from safetensors.torch import load_file, save_file
+
+    src, _ = sources("llama")
+    vlm = tmp_path / "vlm-src"
+    shutil.copytree(src, vlm)
+    tensors = {k.replace("model.", "model.language_model.", 1): v
+               for k, v in load_file(src / "model.safetensors").items()}
+    tensors["model.visual.patch_embed.proj.weight"] = vision = torch.randn(16, 12).to(torch.bfloat16)
+    save_file(tensors, vlm / "model.safetensors")
+    for layout, path in (("text", src), ("vlm", vlm)):
+        quantize(path, tmp_path / layout, "nvfp4", "modelopt", lm_head=True, exclude=["*.layers.1.mlp.down_proj"],
+                 calib_samples=2, calib_seq_len=32)
+    assert main(["inspect", str(tmp_path / "vlm"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["problems"] == []
+    written = load_file(tmp_path / "vlm" / "model-00001-of-00001.safetensors")
+    assert torch.equal(written["model.visual.patch_embed.proj.weight"], vision)
+    assert "model.language_model.layers.0.self_attn.q_proj.weight_scale_2" in written
+    config = json.loads((tmp_path / "vlm" / "config.json").read_text())["quantization_config"]
+    assert "model.language_model.layers.1.mlp.down_proj" in config["ignore"]
+    text, ours = (lowbit.load(tmp_path / p, device="cpu", progress=False).logits(IDS) for p in ("text", "vlm"))
+    assert torch.equal(text, ours)
