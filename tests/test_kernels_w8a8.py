@@ -22,6 +22,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 8e-3  # exact products, fp32 sums, one bf16 rounding of the output
 
 
+def on_cpu(x):
+    """References run on the CPU: CUDA torch divides by a Python scalar through its reciprocal,
+    one ulp away from the IEEE quotient that lowbit's numerics (and the kernels) use."""
+    return x.cpu().float()
+
+
 def rel_err(y, ref):
     assert torch.isfinite(y).all()
     return ((y.float() - ref).norm() / ref.norm()).item()
@@ -37,9 +43,9 @@ def test_fp8_dynamic_quant_is_bit_exact(dtype):
     x = activations(5, 300, dtype)
     x[2] = 0  # an all-zero row keeps a finite scale and zero codes
     q, s = quant_rows(x, torch.float8_e4m3fn)
-    s_ref = (x.float().abs().amax(-1) / nm.FP8_MAX).clamp(min=1e-12)
-    assert torch.equal(s, s_ref)
-    assert torch.equal(q.view(torch.uint8), nm.quantize_fp8(x.float(), s_ref[:, None]).view(torch.uint8))
+    s_ref = (on_cpu(x).abs().amax(-1) / nm.FP8_MAX).clamp(min=1e-12)
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu().view(torch.uint8), nm.quantize_fp8(on_cpu(x), s_ref[:, None]).view(torch.uint8))
 
 
 def test_fp8_rounding_ties_and_saturation():
@@ -57,10 +63,10 @@ def test_int8_quant_is_bit_exact_with_ties_to_even():
     x[0, :6] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 1.5])  # amax 127: scale 1, exact ties
     x[0, 6:] = x[0, 6:].clamp(-100, 100)
     q, s = quant_rows(x, torch.int8)
-    xf = x.float()
+    xf = on_cpu(x)
     s_ref = xf.abs().amax(-1) / 127.0
-    assert torch.equal(s, s_ref)
-    assert torch.equal(q, torch.round(xf / s_ref[:, None]).clamp(-128, 127).to(torch.int8))
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu(), torch.round(xf / s_ref[:, None]).clamp(-128, 127).to(torch.int8))
     assert q[0, :6].tolist() == [127, 2, 4, -2, 0, 2]
 
 
@@ -69,9 +75,10 @@ def test_static_scale_quant():
     scale = torch.tensor([0.05], device=DEV)
     q, s = quant_rows(x, torch.int8, scale)
     assert torch.equal(s, torch.full((3,), 0.05, device=DEV))
-    assert torch.equal(q, torch.round(x.float() / 0.05).clamp(-128, 127).to(torch.int8))
+    xf = on_cpu(x)
+    assert torch.equal(q.cpu(), torch.round(xf / 0.05).clamp(-128, 127).to(torch.int8))
     q8, _ = quant_rows(x, torch.float8_e4m3fn, scale)
-    assert torch.equal(q8.view(torch.uint8), nm.quantize_fp8(x.float(), 0.05).view(torch.uint8))
+    assert torch.equal(q8.cpu().view(torch.uint8), nm.quantize_fp8(xf, 0.05).view(torch.uint8))
 
 
 def fp8_weight(n, k):
@@ -86,9 +93,9 @@ def test_fp8_w8a8_matches_reference(m, n, k, static):
     bias = torch.randn(n, dtype=torch.bfloat16, device=DEV)
     scale = torch.tensor(x.float().abs().max().item() / 448, device=DEV) if static else None
     y = kernels.fp8_linear(x, w, ws, scale, bias)
-    xq = nm.fake_quant_fp8_activation(x.float(), scale)
-    ref = xq @ (w.float() * ws[:, None]).T + bias.float()
-    assert y.dtype == torch.bfloat16 and rel_err(y, ref) < TOL
+    xq = nm.fake_quant_fp8_activation(on_cpu(x), scale.cpu() if static else None)
+    ref = xq @ (on_cpu(w) * on_cpu(ws)[:, None]).T + on_cpu(bias)
+    assert y.dtype == torch.bfloat16 and rel_err(y.cpu(), ref) < TOL
 
 
 @pytest.mark.parametrize("m,static,dtype", [(1, False, torch.bfloat16), (5, True, torch.float16),
@@ -100,10 +107,11 @@ def test_int8_w8a8_matches_reference(m, static, dtype):
     x = activations(m, k, dtype)
     scale = torch.tensor(0.03, device=DEV) if static else None
     y = kernels.int8_linear(x, w, ws, scale)
-    xs = torch.full((m, 1), 0.03, device=DEV) if static else x.float().abs().amax(-1, keepdim=True) / 127
-    q = torch.round(x.float() / xs).clamp(-128, 127)
-    ref = (q.double() @ w.double().T).float() * xs * ws  # exact integer sums
-    assert y.dtype == dtype and rel_err(y, ref) < TOL
+    xf = on_cpu(x)
+    xs = torch.full((m, 1), 0.03) if static else xf.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(xf / xs).clamp(-128, 127)
+    ref = (q.double() @ w.cpu().double().T).float() * xs * on_cpu(ws)  # exact integer sums
+    assert y.dtype == dtype and rel_err(y.cpu(), ref) < TOL
 
 
 def test_int8_weight_only():
@@ -123,5 +131,5 @@ def test_gpu_fp8_w8a8_both_paths(m):
     w, ws = fp8_weight(n, k)
     x = activations(m, k)
     bias = torch.randn(n, dtype=torch.bfloat16, device=DEV)
-    ref = nm.fake_quant_fp8_activation(x.float(), None) @ (w.float() * ws[:, None]).T + bias.float()
-    assert rel_err(kernels.fp8_linear(x, w, ws, None, bias), ref) < TOL
+    ref = nm.fake_quant_fp8_activation(on_cpu(x), None) @ (on_cpu(w) * on_cpu(ws)[:, None]).T + on_cpu(bias)
+    assert rel_err(kernels.fp8_linear(x, w, ws, None, bias).cpu(), ref) < TOL

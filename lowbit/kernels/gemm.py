@@ -46,7 +46,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     """tl.dot; UPCAST runs it in fp32 (TRITON_INTERPRET's numpy dot mis-reads bf16 and fp8)."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
+    return tl.dot(a, b, acc, out_dtype=acc.dtype)  # int8 dots accumulate in int32
 
 
 @triton.jit
@@ -208,9 +208,13 @@ def pick_tiles(m: int, n: int, k: int, fmt: int, group: int, device: torch.devic
     bk = t.bk
     if fmt in (FMT_INT4, FMT_INT8) and 0 < group < k and group % 64 == 0 and bk > group:
         bk = group  # one group per K-tile: its scale multiplies the tile's product, not each weight
-    tiles = triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn)
-    split = max(1, min(triton.cdiv(2 * _sm_count(device), tiles), k // (4 * bk), 16))
-    return Tiles(t.bm, t.bn, bk, split, t.warps, t.stages)
+    return Tiles(t.bm, t.bn, bk, split_k(m, n, k, t.bm, t.bn, bk, device), t.warps, t.stages)
+
+
+def split_k(m: int, n: int, k: int, bm: int, bn: int, bk: int, device: torch.device) -> int:
+    """K slices so that the grid covers the GPU about twice, each slice at least 4 K-tiles long."""
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    return max(1, min(triton.cdiv(2 * _sm_count(device), tiles), k // (4 * bk), 16))
 
 
 def gemm(x: torch.Tensor, units: torch.Tensor, fmt: int, k: int, *, scale: torch.Tensor | None = None,

@@ -1,0 +1,302 @@
+"""Quantized GEMM benchmark on Llama-3-8B layer shapes (lowbit/kernels against bf16 and torch int4).
+
+    PYTHONPATH=. python benchmarks/kernels.py [--ms 1,16,256] [--shapes qkv,o] [--json out.json] [--sweep]
+
+For every shape x M: median time of each kernel (captured once in a CUDA graph, the graph replayed
+under triton.testing.do_bench: L2 flushed before every replay, CUDA events), ratio to bf16 torch.matmul and to torch's int4 kernel (_weight_int4pack_mm, the
+gpt-fast/torchao path) measured in the same process, achieved GB/s (weight + x + y bytes) against
+the device copy bandwidth measured here, and TFLOP/s. Each kernel is first checked against its
+plain-PyTorch reference on the same weights. Prints a table and a summary against the targets of
+docs/benchmarks.md; --json writes every number. --sweep times alternative tilings instead.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import torch
+import triton
+
+from lowbit import kernels
+from lowbit.kernels import gemm as G
+from lowbit.kernels import ops
+from lowbit.kernels.act_quant import quant_rows
+from lowbit.quant import numerics as nm
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+GROUP = 128  # int4 group size benchmarked (CT W4A16 default, and the torch int4 kernel's)
+TARGETS = {  # summed over the five shapes: kernel time ratio over bf16
+    "nvfp4": {1: 3.0, 16: 2.5, 64: 1.5, 256: 1.0, 1024: 0.7, 4096: 0.7},
+    "int4": {1: 3.0, 16: 2.5, 64: 1.5, 256: 1.0, 1024: 0.7, 4096: 0.7},
+    "fp8": {1: 1.6, 4096: 1.5},
+}
+
+
+def bench(fn) -> float:
+    """Median milliseconds of one call of fn on the GPU, L2 flushed before each call.
+
+    fn runs from a CUDA graph, as a decode step does under graphs: timed eagerly, a few-microsecond
+    kernel measures Python and launch overhead (the Triton launcher's argument binding is tens of
+    microseconds) whenever that outlasts the L2 flush that precedes it.
+    """
+    fn()  # compile, create handles
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    t = triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median")
+    del g
+    return t
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2 ** 31, dtype=torch.uint8, device="cuda")
+    a.random_()
+    b = torch.empty_like(a)
+    t = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median")
+    return 2 * a.numel() / t / 1e6  # GB/s, bytes read + written
+
+
+class Weights:
+    """One shape's weights in every format, random but valid (no zeros)."""
+
+    def __init__(self, n: int, k: int):
+        self.n, self.k = n, k
+        dev = "cuda"
+        self.bf16 = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=dev)
+        self.nvfp4 = (nm.pack_e2m1(codes), (torch.rand(n, k // 16, device=dev) * 8 + 0.5).to(torch.float8_e4m3fn),
+                      torch.rand(n, device=dev) * 1e-3 + 1e-4)
+        q = torch.randint(-8, 8, (n, k), device=dev)
+        self.int4 = (nm.pack_int32(q, 4), (torch.rand(n, k // GROUP, device=dev) * 0.01 + 1e-3).bfloat16())
+        # torch's tinygemm layout: uint8 [N, K/2] (high nibble first) and [K/g, N, 2] scale/zero
+        u = (q + 8).to(torch.uint8)
+        self.tinygemm = None
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), 8)
+            sz = torch.stack([self.int4[1].t().float(), torch.zeros(k // GROUP, n, device=dev)], -1).bfloat16()
+            self.tinygemm = (packed, sz.contiguous())
+        except (RuntimeError, AttributeError) as e:
+            print(f"torch int4 kernel unavailable: {e}")
+        self.fp8 = ((torch.randn(n, k, device=dev) * 100).clamp(-448, 448).to(torch.float8_e4m3fn),
+                    torch.rand(n, device=dev) * 1e-3 + 1e-4)
+        self.int8 = (torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev), torch.rand(n, device=dev) * 1e-3)
+
+    def nbytes(self, fmt: str) -> int:
+        n, k = self.n, self.k
+        return {"bf16": 2 * n * k, "nvfp4": n * k // 2 + n * k // 16 + 4 * n, "int4": n * k // 2 + 2 * n * k // GROUP,
+                "tinygemm": n * k // 2 + 4 * n * k // GROUP, "fp8": n * k + 4 * n, "fp8_wo": n * k + 4 * n,
+                "fp8_triton": n * k + 4 * n, "fp8_scaled_mm": n * k + 4 * n, "int8": n * k + 4 * n}[fmt]
+
+
+def kernel_fns(w: Weights, x: torch.Tensor) -> dict:
+    """name -> (fn, fp32 reference or None); every fn computes x @ W.T for that format."""
+    k = w.k
+    p, bs, rs = w.nvfp4
+    p4, s4 = w.int4
+    w8, ws8 = w.fp8
+    wi, wsi = w.int8
+    fns = {
+        "bf16": (lambda: torch.matmul(x, w.bf16.t()), None),
+        "nvfp4": (lambda: kernels.nvfp4_linear(x, p, bs, rs), lambda: nm.dequant_nvfp4(p, bs, rs)),
+        "int4": (lambda: kernels.int_linear(x, p4, s4, None, 4, GROUP, k),
+                 lambda: nm.dequant_int(nm.unpack_int32(p4, 4, k), s4, None, GROUP)),
+        "fp8": (lambda: kernels.fp8_linear(x, w8, ws8), None),
+        "fp8_triton": (lambda: _fp8_triton(x, w8, ws8), None),
+        "fp8_scaled_mm": (lambda: _fp8_scaled_mm(x, w8, ws8), None),
+        "fp8_wo": (lambda: kernels.fp8_linear(x, w8, ws8, quantize_input=False), lambda: w8.float() * ws8[:, None]),
+        "int8": (lambda: kernels.int8_linear(x, wi, wsi), None),
+    }
+    if w.tinygemm is not None:
+        tp, sz = w.tinygemm
+        fns["tinygemm"] = (lambda: torch.ops.aten._weight_int4pack_mm(x, tp, GROUP, sz), fns["int4"][1])
+    return fns
+
+
+def _fp8_triton(x, w, ws):
+    xq, xs = quant_rows(x, torch.float8_e4m3fn)
+    return G.gemm(xq, w, G.FMT_FP8, w.shape[1], row_scale=ws, x_scale=xs, out_dtype=x.dtype)
+
+
+def _fp8_scaled_mm(x, w, ws):
+    xq, xs = quant_rows(x, torch.float8_e4m3fn)
+    return torch._scaled_mm(xq, w.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)
+
+
+def check(w: Weights, m: int) -> dict:
+    """Relative error of each kernel against its fp32 reference, on fresh random x."""
+    x = torch.randn(m, w.k, dtype=torch.bfloat16, device="cuda")
+    errs = {}
+    for name, (fn, ref) in kernel_fns(w, x).items():
+        if name in ("fp8", "fp8_triton", "fp8_scaled_mm"):
+            r = nm.fake_quant_fp8_activation(x.float(), None) @ (w.fp8[0].float() * w.fp8[1][:, None]).T
+        elif name == "int8":
+            xs = x.float().abs().amax(-1, keepdim=True) / 127
+            r = torch.round(x.float() / xs).clamp(-128, 127) @ w.int8[0].float().T * xs * w.int8[1]
+        elif ref is not None:
+            r = x.float() @ ref().T
+        else:
+            continue
+        y = fn().float()
+        errs[name] = ((y - r).norm() / r.norm()).item()
+    return errs
+
+
+def run(shapes: list[str], ms: list[int], json_path: str | None) -> None:
+    bw = copy_bandwidth()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now().isoformat(timespec="seconds"), python=platform.python_version(),
+                copy_gbs=round(bw, 1), scaled_mm_min_m=ops.SCALED_MM_MIN_M)
+    print(f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  copy {bw:.0f} GB/s", flush=True)
+    rows, checks = [], {}
+    for shape in shapes:
+        n, k = SHAPES[shape]
+        w = Weights(n, k)
+        checks[shape] = {m: check(w, m) for m in (1, 300)}
+        print(f"check {shape}: " + "  ".join(f"M={m} " + " ".join(f"{a}={e:.1e}" for a, e in c.items())
+                                             for m, c in checks[shape].items()), flush=True)
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            line = []
+            for name, (fn, _) in kernel_fns(w, x).items():
+                t = bench(fn)
+                nbytes = w.nbytes(name) + 2 * m * k + 2 * m * n
+                rows.append(dict(shape=shape, m=m, kernel=name, ms=t, gbs=nbytes / t / 1e6,
+                                 tflops=2 * m * n * k / t / 1e9))
+                line.append(f"{name}={t * 1e3:.1f}")
+            print(f"{shape} M={m} us: " + " ".join(line), flush=True)
+        del w
+        torch.cuda.empty_cache()
+    add_ratios(rows)
+    summary = summarize(rows, shapes, ms, bw)
+    print_table(rows, bw)
+    print_summary(summary)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, checks=checks, rows=rows, summary=summary), f, indent=1)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by = {(r["shape"], r["m"], r["kernel"]): r["ms"] for r in rows}
+    for r in rows:
+        r["x_bf16"] = by[(r["shape"], r["m"], "bf16")] / r["ms"]
+        tg = by.get((r["shape"], r["m"], "tinygemm"))
+        r["x_int4torch"] = tg / r["ms"] if tg else None
+
+
+def summarize(rows: list[dict], shapes: list[str], ms: list[int], bw: float) -> dict:
+    """Per kernel and M: bf16 time / kernel time, both summed over the shapes; M=1 bandwidth."""
+    tot = {}
+    for r in rows:
+        tot[(r["kernel"], r["m"])] = tot.get((r["kernel"], r["m"]), 0.0) + r["ms"]
+    kernels_ = sorted({r["kernel"] for r in rows})
+    out = {"sum_x_bf16": {}, "sum_x_int4torch": {}, "m1_bw_frac": {}}
+    for kn in kernels_:
+        out["sum_x_bf16"][kn] = {m: tot[("bf16", m)] / tot[(kn, m)] for m in ms}
+        if ("tinygemm", ms[0]) in tot:
+            out["sum_x_int4torch"][kn] = {m: tot[("tinygemm", m)] / tot[(kn, m)] for m in ms}
+    for r in rows:
+        if r["m"] == 1:
+            out["m1_bw_frac"].setdefault(r["kernel"], {})[r["shape"]] = r["gbs"] / bw
+    return out
+
+
+def print_table(rows: list[dict], bw: float) -> None:
+    print(f"\n{'shape':8} {'M':>5} {'kernel':14} {'us':>9} {'x bf16':>7} {'x i4tg':>7} {'GB/s':>6} {'%bw':>4} {'TFLOP/s':>8}")
+    for r in rows:
+        tg = f"{r['x_int4torch']:7.2f}" if r["x_int4torch"] else "      -"
+        print(f"{r['shape']:8} {r['m']:5d} {r['kernel']:14} {r['ms'] * 1e3:9.1f} {r['x_bf16']:7.2f} {tg} "
+              f"{r['gbs']:6.0f} {100 * r['gbs'] / bw:4.0f} {r['tflops']:8.1f}")
+
+
+def print_summary(s: dict) -> None:
+    print("\nsummed over shapes, bf16 time / kernel time (target in brackets):")
+    for kn, per_m in s["sum_x_bf16"].items():
+        tgt = TARGETS.get(kn, {})
+        cells = [f"M={m}:{v:.2f}" + (f"[{tgt[m]}]" if m in tgt else "") for m, v in per_m.items()]
+        print(f"  {kn:14} " + " ".join(cells))
+    if s["sum_x_int4torch"]:
+        print("summed over shapes, torch int4 time / kernel time:")
+        for kn in ("nvfp4", "int4"):
+            if kn in s["sum_x_int4torch"]:
+                print(f"  {kn:14} " + " ".join(f"M={m}:{v:.2f}" for m, v in s["sum_x_int4torch"][kn].items()))
+    print("M=1 achieved / copy bandwidth (target 0.75 on gate_up, down, lm_head):")
+    for kn in ("bf16", "nvfp4", "int4", "tinygemm", "fp8", "int8"):
+        if kn in s["m1_bw_frac"]:
+            print(f"  {kn:14} " + " ".join(f"{sh}:{v:.2f}" for sh, v in s["m1_bw_frac"][kn].items()))
+
+
+SWEEP_TILES = {  # candidates per M bucket: (bm, bn, bk, warps, stages)
+    "small": [(16, 64, 256, 4, 4), (16, 128, 256, 4, 4), (16, 128, 128, 4, 4), (16, 64, 512, 4, 3),
+              (16, 256, 128, 8, 4), (16, 128, 256, 8, 3)],
+    "mid": [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3)],
+    "large": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
+              (128, 128, 64, 4, 4), (64, 256, 64, 8, 3)],
+}
+
+
+def sweep(shapes: list[str], ms: list[int], json_path: str | None) -> None:
+    """Time alternative tilings and split-K factors of the NVFP4 and int4 kernels (and the plain
+    Triton decoder on the heuristic's tiling), to tune pick_tiles."""
+    results = []
+    for shape in shapes:
+        n, k = SHAPES[shape]
+        w = Weights(n, k)
+        p, bs, rs = w.nvfp4
+        p4, s4 = w.int4
+        fmts = {"nvfp4": (p.view(torch.int32), G.FMT_NVFP4, dict(scale=bs, group=16, row_scale=rs)),
+                "int4": (p4, G.FMT_INT4, dict(scale=s4, group=GROUP))}
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            t_bf16 = bench(lambda: torch.matmul(x, w.bf16.t()))
+            bucket = "small" if m <= 16 else "mid" if m <= 64 else "large"
+            for bm, bn, bk, warps, stages in SWEEP_TILES[bucket]:
+                auto = G.split_k(m, n, k, bm, bn, bk, x.device)
+                for split in sorted({auto, min(16, 2 * auto)} if bucket == "small" else {auto}):
+                    t = G.Tiles(bm, bn, bk, split, warps, stages)
+                    for fmt, (units, f, kw) in fmts.items():
+                        if fmt == "int4" and bk > GROUP:
+                            continue
+                        results.append(_sweep_one(shape, m, fmt, t, t_bf16, lambda: G.gemm(x, units, f, k, tiles=t, **kw)))
+            for fmt, (units, f, kw) in fmts.items():  # the plain Triton decoder, for the notes
+                t = G.pick_tiles(m, n, k, f, kw["group"], x.device)
+                results.append(_sweep_one(shape, m, fmt + "-noasm", t, t_bf16,
+                                          lambda: G.gemm(x, units, f, k, tiles=t, use_asm=False, **kw)))
+            for fmt, (_, f, kw) in fmts.items():
+                mine = [r for r in results if r and r["shape"] == shape and r["m"] == m and r["fmt"] == fmt]
+                best = min(mine, key=lambda r: r["ms"])
+                print(f"sweep {shape:8} M={m:5d} {fmt:6} best {best['tiles']} {best['ms'] * 1e3:8.1f} us "
+                      f"x{best['x_bf16']:.2f} (heuristic {G.pick_tiles(m, n, k, f, kw['group'], x.device)})", flush=True)
+        del w
+        torch.cuda.empty_cache()
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([r for r in results if r], f, indent=1)
+
+
+def _sweep_one(shape, m, fmt, tiles, t_bf16, fn):
+    try:
+        t = bench(fn)
+    except Exception as e:  # a tiling that does not compile or fit is reported and skipped
+        print(f"skip {fmt} {tiles}: {type(e).__name__}: {str(e)[:80]}")
+        return None
+    return dict(shape=shape, m=m, fmt=fmt, tiles=str(tiles), ms=t, x_bf16=t_bf16 / t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--json")
+    ap.add_argument("--sweep", action="store_true")
+    a = ap.parse_args()
+    shapes, ms = a.shapes.split(","), [int(v) for v in a.ms.split(",")]
+    (sweep if a.sweep else run)(shapes, ms, a.json)
+
+
+if __name__ == "__main__":
+    main()
