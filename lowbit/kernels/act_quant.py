@@ -22,12 +22,15 @@ import triton.language as tl
 def _round_e4m3(v):
     """Round fp32 v (|v| <= 448) to the nearest E4M3 value, ties to even, staying in fp32.
 
-    Adding c = 1.5 * 2^(e+20), e = max(exponent(v), -6), leaves exactly E4M3's 3 mantissa bits (or
-    its fixed 2^-9 step below 2^-6) in the sum; subtracting c back is exact.
+    Adding c = 1.5 * 2^(e+20), e = max(exponent(|v|), -6), leaves exactly E4M3's 3 mantissa bits
+    (or its fixed 2^-9 step below 2^-6) in the sum; subtracting c back is exact. The rounding is
+    done on |v| and the sign put back, so that tiny negatives become -0 as in a cast.
     """
-    e = tl.maximum((v.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True), 2.0 ** -6)
-    c = e * 1572864.0
-    return (v + c) - c
+    bits = v.to(tl.int32, bitcast=True)
+    a = tl.abs(v)
+    c = tl.maximum((bits & 0x7F800000).to(tl.float32, bitcast=True), 2.0 ** -6) * 1572864.0
+    r = (a + c) - c
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
