@@ -103,7 +103,7 @@ def build_base_model(out: Path, seed: int = 0):
     return tok
 
 
-def run_demo(workdir: Path | None = None, device=None, schemes=DEMO_SCHEMES, max_new_tokens: int = 32,
+def run_demo(workdir: Path | None = None, device=None, schemes=DEMO_SCHEMES, max_new_tokens: int = 16,
              log=print) -> list[DemoRow]:
     import lowbit
     from lowbit.checkpoint import Checkpoint
@@ -121,7 +121,7 @@ def run_demo(workdir: Path | None = None, device=None, schemes=DEMO_SCHEMES, max
         log(f"built a small Llama (4 layers, hidden 256, vocab {len(tok)}) in {base} "
             f"({time.perf_counter() - t0:.1f} s)")
         text = DATA.read_text(encoding="utf-8").split("\n\n")[-1]
-        ids = torch.tensor([tok(text)["input_ids"][:128]])
+        ids = torch.tensor([tok(text)["input_ids"][:96]])
         prompt = "The kettle had been"
         ref_model = lowbit.load(base, device=device)
         ref = ref_model.logits(ids)

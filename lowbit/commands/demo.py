@@ -23,7 +23,7 @@ def run(args) -> int:
     rows = run_demo(workdir, device=args.device)
     print()
     print(format_table(rows))
-    print(f"\ntop-1: share of 128 positions whose most likely next token equals the bf16 model's; "
+    print(f"\ntop-1: share of 96 positions whose most likely next token equals the bf16 model's; "
           f"max err: largest logit difference.\n{len(rows) - 1} quantized checkpoints written, inspected, "
           f"loaded and run in {time.perf_counter() - t0:.1f} s.")
     bad = [r for r in rows if r.problems]
