@@ -123,6 +123,7 @@ def test_small_shards_get_an_index(src, tmp_path):
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
+    import tqdm.auto  # imported by quantize: load it before the baseline is taken
     from lowbit.quantize import quantize
 
     def anon_kb():
@@ -168,4 +169,4 @@ def test_memory_is_about_one_layer(tmp_path):
     grew = (m["peak_kb"] - m["base_kb"]) * 1024
     print(f"\nmodel {model_bytes / 1e6:.1f} MB, one layer {layer_bytes / 1e6:.1f} MB, "
           f"peak anonymous memory growth {grew / 1e6:.1f} MB")
-    assert grew < 0.5 * model_bytes  # measured: ~34 MB for 63, 117 and 227 MB models (8, 16, 32 layers)
+    assert grew < 0.5 * model_bytes  # measured: ~32-35 MB for 63, 117 and 227 MB models (8, 16, 32 layers)
