@@ -50,9 +50,9 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along the last dimension (rank order)."""
     n = dist.get_world_size()
-    out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous())
-    return out.view(n, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], n * x.shape[-1])
+    out = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather(list(out.unbind(0)), x.contiguous())
+    return out.movedim(0, -2).reshape(*x.shape[:-1], n * x.shape[-1])
 
 
 def check(cfg, tp: int) -> None:

@@ -39,6 +39,8 @@ def register(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help='print {"prompt_ids", "output_ids", "text"} per prompt')
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: spawned here (one GPU each), or the ones torchrun started")
     add_load_options(p)
     p.set_defaults(func=run)
 
@@ -54,6 +56,31 @@ def run(args) -> int:
         SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         raise LowbitError(str(e)) from None
+    if args.tp < 1:
+        raise LowbitError("--tp must be >= 1")
+    if args.tp > 1:
+        from .. import parallel
+
+        parallel.launch(args.tp, _on_rank, vars(args))
+        return 0
+    return _generate(args)
+
+
+def _on_rank(opts: dict) -> None:
+    """One tensor-parallel rank: every rank computes, rank 0 prints."""
+    import argparse
+    import os
+
+    from .. import parallel
+
+    args = argparse.Namespace(**opts)
+    if parallel.current()[0] != 0:
+        sys.stdout = open(os.devnull, "w")
+    _generate(args)
+    sys.stdout.flush()
+
+
+def _generate(args) -> int:
     model = load_from_args(args)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat)
