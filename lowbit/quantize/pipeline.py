@@ -18,7 +18,7 @@ import torch
 from .. import __version__
 from ..checkpoint import ST_DTYPES, TORCH_TO_ST, Checkpoint
 from ..config import ModelConfig, parse_model_config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, LowbitError
 from ..models.layout import LinearSlot, linear_slots
 from ..names import is_vision, to_canonical
 from ..quant.formats import check_tensor, expected_tensors
@@ -90,12 +90,15 @@ def quantize(src, out, scheme: str, fmt: str, *, lm_head: bool = False, exclude=
     calibrating = any(rtn.has_static_inputs(m.scheme) for m in quantized)
     tokens = calibration_tokens(src, calib, calib_samples, calib_seq_len) if calibrating else None
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError("--device cuda requested but no CUDA GPU is available (use --device cpu)")
 
     prepare_output(out, src, force)
     # the configs name the producer whose format this is; the shards record who actually wrote them
     writer = ShardedWriter(out, max_shard, {"quantized_by": f"lowbit {__version__} quantize --scheme {recipe.name} "
                                                            f"--format {fmt}"})
     _run(ckpt, cfg, disk, modules, writer, tokens, device, progress)
+    ckpt.close()
     shards = writer.finish()
     _write_configs(ckpt, out, recipe, modules, disk)
     side = copy_side_files(src, out)
@@ -126,7 +129,7 @@ def plan_modules(ckpt: Checkpoint, cfg: ModelConfig, disk: dict[str, str], recip
         raise CheckpointError(problems, header=f"{ckpt.path} cannot be quantized")
     excluded = _match_excludes(modules, exclude)
     for m in modules:
-        if m.canonical == "lm_head" and not lm_head or m.canonical in excluded:
+        if (m.canonical == "lm_head" and not lm_head) or m.canonical in excluded:
             continue
         m.preset = recipe.preset_for(m.canonical)
         m.scheme = recipe.scheme_for(m.canonical)
