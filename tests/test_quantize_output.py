@@ -32,6 +32,7 @@ CASES = [
     ("phi3", "w4a16-g64", "compressed-tensors", {}),
     ("qwen2", "nvfp4", "modelopt", {}), ("qwen2", "w4a16", "compressed-tensors", {}),
     ("qwen3", "fp8", "compressed-tensors", {}),
+    ("llama-fp16", "w4a16-g64-asym", "compressed-tensors", {}), ("llama-fp16", "nvfp4", "modelopt", {}),
     ("llama", "nvfp4", "modelopt", {"exclude": ["*.k_proj", "model.layers.1.mlp.*"]}),
     ("llama", "w4a16", "compressed-tensors", {"exclude": ["model.layers.0.self_attn.qkv_proj"], "lm_head": False}),
 ]
@@ -57,18 +58,19 @@ def _tokenizer(path):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """arch -> (path, bf16 logits of the source model for IDS), built once per module."""
+    """arch[-fp16] -> (path, logits of the source model for IDS), built once per module (bf16 unless -fp16)."""
     made = {}
 
-    def get(arch):
-        if arch not in made:
-            path = tmp_path_factory.mktemp(f"src-{arch}")
-            model = make_tiny(path, arch, dtype=torch.bfloat16, hidden_size=128, intermediate_size=256,
-                              vocab_size=320, **({"head_dim": 32} if arch == "qwen3" else {}))
+    def get(name):
+        if name not in made:
+            arch, _, fp16 = name.partition("-")
+            path = tmp_path_factory.mktemp(f"src-{name}")
+            model = make_tiny(path, arch, dtype=torch.float16 if fp16 else torch.bfloat16, hidden_size=128,
+                              intermediate_size=256, vocab_size=320, **({"head_dim": 32} if arch == "qwen3" else {}))
             _tokenizer(path)
             with torch.no_grad():
-                made[arch] = (path, model(IDS).logits.float())
-        return made[arch]
+                made[name] = (path, model(IDS).logits.float())
+        return made[name]
 
     return get
 
