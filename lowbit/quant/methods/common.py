@@ -22,6 +22,15 @@ ACTIVATION_QUANT_MODES = ("auto", "emulate", "weight-only")
 TP_FIX = "use a tensor-parallel size that splits the layer into whole blocks"
 
 
+def identity(v: torch.Tensor) -> torch.Tensor:
+    return v
+
+
+def reciprocal(v: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors stores global scales as divisors; lowbit keeps multipliers."""
+    return 1.0 / v
+
+
 class QuantMethod(LinearMethod):
     """Base class of the quantized units. Subclasses implement create_weights, load_weight,
     reference_forward and dequantize, and may override act_roles."""
@@ -129,6 +138,19 @@ class QuantMethod(LinearMethod):
                                    f"does not match the tensors"])
         target.copy_(value)
 
+    def put_row_scale(self, layer, name: str, role: str, tensor: torch.Tensor, shard: int | None,
+                      per_tensor: bool, transform=identity) -> None:
+        """Fill the per-output-row float32 scale `name` from a per-tensor value (each shard's rows get
+        its own: fused shards stay lossless) or from a per-channel vector ([N], or CT's [N, 1])."""
+        rows = self.shard_rows(shard)
+        if per_tensor:
+            value = transform(self.scalar(tensor, role, shard))
+            self.put(layer, name, rows, value.expand(rows.stop - rows.start), role, shard)
+        else:
+            t = tensor.squeeze(-1) if tensor.dim() == 2 and tensor.shape[1] == 1 else tensor
+            self.put(layer, name, rows, self.tp_slice(t.float(), 0, None, shard=shard), role, shard,
+                     disk_shape=tensor.shape)
+
     def require_dtype(self, tensor: torch.Tensor, dtype: torch.dtype, role: str, shard: int | None) -> None:
         if tensor.dtype != dtype:
             raise CheckpointError([f"{self.where(role, shard)}: expected dtype {dtype}, found {tensor.dtype} "
@@ -168,31 +190,25 @@ class QuantMethod(LinearMethod):
             return []
         scale_name = next(iter(self._act_shards))
         scales = self._act_shards[scale_name]
-        if torch.isnan(scales).any():
-            missing = [i for i, v in enumerate(scales.tolist()) if math.isnan(v)]
-            raise CheckpointError([f"{self.spec.name}: activation scale of shard(s) {missing} never written"])
+        for name, values in self._act_shards.items():
+            if torch.isnan(values).any():
+                missing = [i for i, v in enumerate(values.tolist()) if math.isnan(v)]
+                role = next(r for r, (n, _) in self.act_roles().items() if n == name)
+                raise CheckpointError([f"{self.where(role, None)}: never written for shard(s) {missing} "
+                                       f"(the checkpoint lacks that shard's {role})"])
         pick = int(torch.argmax(scales))
         for name, values in self._act_shards.items():
             getattr(layer, name).data.fill_(float(values[pick]))
         notes = []
-        if len(scales) > 1 and (scales != scales[0]).any():
+        if any((values != values[0]).any() for values in self._act_shards.values()):
             notes.append(f"fused shards have different activation scales {[f'{v:.6g}' for v in scales.tolist()]}; "
-                         f"using shard {pick}'s ({float(scales[pick]):.6g}) for the shared input")
+                         f"using shard {pick}'s ({float(scales[pick]):.6g}, the largest) for the shared input")
         self._act_shards = {}
         return notes
 
 
-def identity(v: torch.Tensor) -> torch.Tensor:
-    return v
-
-
-def reciprocal(v: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors stores global scales as divisors; lowbit keeps multipliers."""
-    return 1.0 / v
-
-
 def _poisoned(p: torch.Tensor) -> bool:
-    if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if p.dtype == torch.float8_e4m3fn:
         return bool(((p.view(torch.uint8) & 0x7F) == 0x7F).any())  # e4m3fn NaN (fill_poison's 0x7F)
     return p.is_floating_point() and bool(torch.isnan(p).any())
 

@@ -64,14 +64,8 @@ class FP8Method(QuantMethod):
 
     def _load_scale(self, layer, tensor, shard, rows):
         g, disk = self.scheme.granularity, tensor.shape
-        if g == "tensor":
-            value = self.scalar(tensor, "weight_scale", shard)
-            self.put(layer, "weight_scale", rows, value.expand(rows.stop - rows.start), "weight_scale", shard)
-            return
-        if g == "channel":
-            t = tensor.squeeze(-1) if tensor.dim() == 2 and tensor.shape[1] == 1 else tensor  # CT [N, 1]
-            self.put(layer, "weight_scale", rows, self.tp_slice(t.float(), 0, None, shard=shard), "weight_scale",
-                     shard, disk_shape=disk)
+        if g != "block":
+            self.put_row_scale(layer, "weight_scale", "weight_scale", tensor, shard, per_tensor=g == "tensor")
             return
         br, _ = self.scheme.block
         if tensor.dim() == 4 and tensor.shape[1] == 1 and tensor.shape[3] == 1:

@@ -60,13 +60,8 @@ class Int8Method(QuantMethod):
         if role == "weight":
             self.put(layer, role, rows, self.tp_slice(tensor, 0, 1, shard=shard), role, shard,
                      dtype=torch.int8, disk_shape=tensor.shape)
-        elif role == "weight_scale" and self.scheme.granularity == "tensor":
-            value = self.scalar(tensor, role, shard)
-            self.put(layer, role, rows, value.expand(rows.stop - rows.start), role, shard)
         elif role == "weight_scale":
-            t = tensor.squeeze(-1) if tensor.dim() == 2 and tensor.shape[1] == 1 else tensor  # [N, 1]
-            self.put(layer, role, rows, self.tp_slice(t.float(), 0, None, shard=shard), role, shard,
-                     disk_shape=tensor.shape)
+            self.put_row_scale(layer, role, role, tensor, shard, per_tensor=self.scheme.granularity == "tensor")
         else:
             return self.unexpected(role, shard)
         return None

@@ -57,10 +57,8 @@ class NVFP4Method(QuantMethod):
             self.put(layer, name, rows, self.tp_slice(tensor, 0, 1, shard=shard), role, shard,
                      dtype=torch.float8_e4m3fn, disk_shape=tensor.shape)
         elif name == "row_scale":
-            value = self.scalar(tensor, role, shard)
-            if self.scheme.fmt == "compressed-tensors":
-                value = reciprocal(value)
-            self.put(layer, name, rows, value.expand(rows.stop - rows.start), role, shard)
+            ct = self.scheme.fmt == "compressed-tensors"
+            self.put_row_scale(layer, name, role, tensor, shard, per_tensor=True, transform=reciprocal if ct else identity)
         else:
             return self.unexpected(role, shard)
         return None
