@@ -142,3 +142,16 @@ def test_bf16_forward_runs_in_bf16():
     assert y.dtype == torch.bfloat16 and torch.equal(y, F.linear(xq, deq(layer).bfloat16(), disk["bias"]))
     assert layer.weight.dtype == torch.float8_e4m3fn  # stays FP8 in memory, as on disk
     assert torch.equal(layer.weight.view(torch.uint8), disk["weight"].view(torch.uint8))
+
+
+@pytest.mark.parametrize("name,strategy", [("ct-fp8-tensor-static", "tensor"), ("ct-fp8-w8a16", "channel"),
+                                           ("modelopt-fp8-channel-token", "channel")])
+def test_tensor_and_channel_scales_decode_like_compressed_tensors(name, strategy):
+    disk = make_disk(SCHEMES[name], 48, 96)
+    layer = build(SCHEMES[name], (48,), 96)
+    load(layer, {None: disk})
+    scale = disk["weight_scale"].reshape(-1, 1) if strategy == "channel" else disk["weight_scale"].reshape(1)
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True)
+    ref = FloatQuantizationCompressor.decompress({"weight": disk["weight"], "weight_scale": scale.float()},
+                                                 QuantizationScheme(targets=["Linear"], weights=args))["weight"]
+    assert torch.equal(deq(layer), ref)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
-from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
 from conftest import fixture_dir
 from lowbit.errors import ConfigError
@@ -89,3 +89,13 @@ def test_unsupported_int8_layouts_are_config_errors():
     with pytest.raises(ConfigError, match="dynamic int8 activations per group"):
         build(Scheme(weight="int8", granularity="channel", activation="int8", act_dynamic=True,
                      act_granularity="group", fmt=ct), (8,), 64)
+
+
+def test_per_tensor_weight_scale_decodes_like_compressed_tensors():
+    disk = make_disk(SCHEMES["ct-w8a8-static-asym"], 40, 64)
+    layer = build(SCHEMES["ct-w8a8-static-asym"], (40,), 64)
+    load(layer, {None: disk})
+    args = QuantizationArgs(num_bits=8, type="int", strategy="tensor", symmetric=True)
+    ref = IntQuantizationCompressor.decompress({"weight": disk["weight"], "weight_scale": disk["weight_scale"].float()},
+                                               QuantizationScheme(targets=["Linear"], weights=args))["weight"]
+    assert torch.equal(deq(layer), ref)
