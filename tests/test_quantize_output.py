@@ -25,7 +25,7 @@ CASES = [
     ("llama", "nvfp4", "modelopt", {}), ("llama", "nvfp4", "compressed-tensors", {}),
     ("llama", "nvfp4a16", "modelopt", {}), ("llama", "nvfp4a16", "compressed-tensors", {}),
     ("llama", "w4a16", "compressed-tensors", {}), ("llama", "w4a16-g32-asym", "compressed-tensors", {}),
-    ("llama", "w4a16-g64", "compressed-tensors", {}), ("llama", "w8a16-channel-asym", "compressed-tensors", {}),
+    ("llama", "w8a16-channel-asym", "compressed-tensors", {}),
     ("llama", "w8a16", "compressed-tensors", {}), ("llama", "w8a8", "compressed-tensors", {}),
     ("llama", "mixed", "modelopt", {}), ("llama", "mixed:attn=nvfp4a16,mlp=fp8,lm_head=fp8", "modelopt", {}),
     ("phi3", "nvfp4", "compressed-tensors", {}), ("phi3", "fp8", "modelopt", {}),
