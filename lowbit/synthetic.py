@@ -41,7 +41,10 @@ CONFIGS = {
                      head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
                      bos_token_id=151643, eos_token_id=151645, rope_parameters={"rope_theta": 1000000.0,
                                                                                 "rope_type": "default"}),
-    # for tests: small, but every K a multiple of 128 per rank at tp=2 (int4 groups of 128)
+    # for GPU tests: big enough for the kernels' real tiling, small enough to build in a second
+    "small": _LLAMA3 | dict(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                            num_attention_heads=16, num_key_value_heads=4),
+    # for CPU tests: every K a multiple of 128 per rank at tp=2 (int4 groups of 128)
     "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=256,
                  intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,

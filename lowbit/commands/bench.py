@@ -90,6 +90,8 @@ def bench(opts: dict) -> dict:
     prompt_lens = _ints(opts["prompt_lens"], "--prompt-lens")
     batches = _ints(opts["batches"], "--batches")
     rank, tp = parallel.current()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     before = _allocated()
     model = _load(opts)
     dev = model.device
@@ -245,7 +247,7 @@ def hf_rates(opts: dict, prompt_lens: list[int], dev) -> dict:
             del cfg.quantization_config
     with torch.device(dev):
         hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    out = {"prefill": {}}
+    out = {"version": transformers.__version__, "prefill": {}}
     with torch.inference_mode():
         for p in prompt_lens:
             ids = torch.randint(3, cfg.vocab_size, (1, p), device=dev)
