@@ -207,9 +207,9 @@ if triton is not None:
         return o1, o2
 
     @triton.jit
-    def _to_fp8(x):
-        """Saturate to +-448 and round to nearest-even E4M3, as quantize_kv does."""
-        return tl.clamp(x, -448.0, 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    def _to_fp8(x, scale):
+        """x / scale (IEEE division), saturated to +-448, rounded to nearest-even E4M3: quantize_kv."""
+        return tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
     @triton.jit
     def _store_cache(row_ptr, o1, o2, src, scale_ptr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
@@ -219,8 +219,8 @@ if triton is not None:
         m = i < HALF
         if FP8:
             s = tl.load(scale_ptr)
-            tl.store(row_ptr + i, _to_fp8(o1 / s), mask=m)
-            tl.store(row_ptr + HALF + i, _to_fp8(o2 / s), mask=m)
+            tl.store(row_ptr + i, _to_fp8(o1, s), mask=m)
+            tl.store(row_ptr + HALF + i, _to_fp8(o2, s), mask=m)
         else:
             tl.store(row_ptr + i, o1.to(row_ptr.dtype.element_ty), mask=m)
             tl.store(row_ptr + HALF + i, o2.to(row_ptr.dtype.element_ty), mask=m)
@@ -228,7 +228,7 @@ if triton is not None:
             j = tl.arange(0, REST_PAD)
             r = tl.load(src + 2 * HALF + j, mask=j < REST, other=0.0).to(tl.float32)
             if FP8:
-                tl.store(row_ptr + 2 * HALF + j, _to_fp8(r / tl.load(scale_ptr)), mask=j < REST)
+                tl.store(row_ptr + 2 * HALF + j, _to_fp8(r, tl.load(scale_ptr)), mask=j < REST)
             else:
                 tl.store(row_ptr + 2 * HALF + j, r.to(row_ptr.dtype.element_ty), mask=j < REST)
 

@@ -94,6 +94,7 @@ def _run_gpu(schemes, seed, ids, prompts):
             m.engine(len(prompts), 64, cuda_graphs=graphs)
             runs.append([r.output_ids for r in m.generate(prompts, max_new_tokens=24, ignore_eos=True)])
         out[s, "graphs"] = runs
+        out[s, "captured"] = m._engine.cuda_graphs, m._engine.notes
     return out
 
 
@@ -111,4 +112,5 @@ def test_two_nccl_ranks():
     for s in schemes:
         assert rel_err(tp2[0][s], ref[s]) < 2e-2, s
         eager, graphs = tp2[0][s, "graphs"]
+        assert tp2[0][s, "captured"][0], tp2[0][s, "captured"][1]
         assert eager == graphs, s

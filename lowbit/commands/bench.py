@@ -226,6 +226,7 @@ def decode_rate(model, batch: int, prompt: int, steps: int, graphs: bool, weight
 def generate_rate(model, prompt: int, steps: int) -> float:
     """Batch-1 tokens/s through Model.generate (host loop, detokenization-free, pipelined)."""
     ids = torch.randint(3, model.config.vocab_size, (prompt,)).tolist()
+    model.engine(1, prompt + steps)  # sized (and captured, by the warm-up) outside the timing
     model.generate([ids], max_new_tokens=4, ignore_eos=True)
     t0 = time.perf_counter()
     model.generate([ids], max_new_tokens=steps, ignore_eos=True)
@@ -246,7 +247,7 @@ def hf_rates(opts: dict, prompt_lens: list[int], dev) -> dict:
         if hasattr(cfg, "quantization_config"):  # same shapes, plain bf16 weights
             del cfg.quantization_config
     with torch.device(dev):
-        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(dev).eval()
     out = {"version": transformers.__version__, "prefill": {}}
     with torch.inference_mode():
         for p in prompt_lens:
