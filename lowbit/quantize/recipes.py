@@ -11,7 +11,7 @@ ModelOpt MIXED_PRECISION gives the roles different presets.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..quant.config import ct_scheme, modelopt_scheme
@@ -106,7 +106,6 @@ class Recipe:
     fmt: str
     presets: dict[str, Preset]  # role -> preset
     mixed: bool = False
-    notes: list[str] = field(default_factory=list)
 
     def preset_for(self, canonical: str) -> Preset:
         return self.presets[role_of(canonical)]
