@@ -42,14 +42,9 @@ FIXTURES = {
 }
 # The other *-lmhead fixtures quantize the head with the same code as any Linear; they match as well
 # but cost test time: LOWBIT_ALL_FIXTURES=1 includes them.
-MORE_LMHEAD = {
-    "llmcompressor-w8a16-lmhead": ("w8a16", "compressed-tensors", "base-llama-bf16", True),
-    "llmcompressor-fp8_dynamic-lmhead": ("FP8_DYNAMIC", "compressed-tensors", "base-llama-bf16", True),
-    "llmcompressor-nvfp4a16-lmhead": ("NVFP4A16", "compressed-tensors", "base-llama-bf16", True),
-    "llmcompressor-w8a8-lmhead": ("W8A8", "compressed-tensors", "base-llama-bf16", True),
-    "llmcompressor-nvfp4-lmhead": ("NVFP4", "compressed-tensors", "base-llama-bf16", True),
-    "modelopt-w4a16_nvfp4-lmhead": ("W4A16_NVFP4", "modelopt", "base-llama-bf16", True),
-}
+MORE_LMHEAD = {f"{name}-lmhead": (*FIXTURES[name][:3], True) for name in (
+    "llmcompressor-w8a16", "llmcompressor-fp8_dynamic", "llmcompressor-nvfp4a16", "llmcompressor-w8a8",
+    "llmcompressor-nvfp4", "modelopt-w4a16_nvfp4")}
 if os.environ.get("LOWBIT_ALL_FIXTURES"):
     FIXTURES.update(MORE_LMHEAD)
 ACTIVATION_SCALES = ("input_scale", "input_global_scale")
