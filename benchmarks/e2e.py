@@ -1,10 +1,10 @@
 """End-to-end benchmark matrix for docs/benchmarks.md: `lowbit bench` over several schemes of one
 synthetic model in one process on one GPU, then the issue's target ratios from the same run.
 
-    python benchmarks/e2e.py --out DIR [--model llama-3-8b] [--configs bf16,fp8,nvfp4,nvfp4+lm,int4-g128]
+    python benchmarks/e2e.py --out DIR [--model llama-3-8b] [--configs bf16,nvfp4+lm,nvfp4,int4-g128,fp8]
 
-Writes DIR/<config>.json after each configuration (a timeout keeps what finished) and
-DIR/summary.json + DIR/summary.md at the end. The bf16 run also times transformers (--compare-hf).
+Rewrites DIR/summary.json after each configuration (a timeout keeps what finished) and writes
+DIR/summary.md at the end. The bf16 run also times transformers (--compare-hf).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="llama-3-8b")
-    ap.add_argument("--configs", default="bf16,fp8,nvfp4,nvfp4+lm,int4-g128")
+    ap.add_argument("--configs", default="bf16,nvfp4+lm,nvfp4,int4-g128,fp8")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,13 +105,11 @@ def main() -> int:
         finally:
             gc.collect()
             torch.cuda.empty_cache()
-        (out / f"{name.replace('+', '_')}.json").write_text(json.dumps(results[name], indent=1))
+        (out / "summary.json").write_text(json.dumps({"results": results, "targets": targets(results)}, indent=1))
         d = results[name]["decode"]
         print(f"{name}: decode b1 {d['1']['tok_s']:.1f} tok/s ({d['1']['share_of_copy_bw']:.0%} of copy BW), "
               f"b32 {d['32']['tok_s']:.0f} tok/s", flush=True)
-    rows = targets(results)
-    (out / "summary.json").write_text(json.dumps({"results": results, "targets": rows}, indent=1))
-    text = markdown(results, rows) if results else "no configuration finished"
+    text = markdown(results, targets(results)) if results else "no configuration finished"
     (out / "summary.md").write_text(text)
     print(text)
     return 0
