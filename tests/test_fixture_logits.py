@@ -61,12 +61,17 @@ def lowbit_bound(name: str) -> tuple[str, float]:
     return "auto", 0.01  # unquantized and weight-only: measured 0.0063-0.0066, the bf16 model floor
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", all_fixture_names())
-def test_lowbit_logits_match_the_reference(name):
+def test_lowbit_logits_match_the_reference(name, device):
     mode, bound = lowbit_bound(name)
     ids, ref = reference(name)
-    model = lowbit.load(fixture_dir(name), device="cpu", dtype=torch.bfloat16, activation_quant=mode, progress=False)
-    err = rel_l2(model.logits(ids), ref)
+    model = lowbit.load(fixture_dir(name), device=device, dtype=torch.bfloat16, activation_quant=mode,
+                        progress=False)
+    err = rel_l2(model.logits(ids.to(device)).cpu(), ref)
     assert err < bound, f"{name}: relative L2 {err:.4g} >= {bound} (activation_quant={mode})"
 
 
