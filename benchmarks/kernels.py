@@ -21,6 +21,7 @@ import triton
 
 from lowbit import kernels
 from lowbit.kernels import gemm as G
+from lowbit.kernels import w4 as W4
 from lowbit.kernels import ops
 from lowbit.kernels.act_quant import quant_rows
 from lowbit.quant import numerics as nm
@@ -73,6 +74,9 @@ class Weights:
                       torch.rand(n, device=dev) * 1e-3 + 1e-4)
         q = torch.randint(-8, 8, (n, k), device=dev)
         self.int4 = (nm.pack_int32(q, 4), (torch.rand(n, k // GROUP, device=dev) * 0.01 + 1e-3).bfloat16())
+        # the fast path's load-time layout (same bytes)
+        self.nvfp4_planar = kernels.prepare_nvfp4(self.nvfp4[0])
+        self.int4_planar = kernels.prepare_int4(self.int4[0], k)
         # torch's tinygemm layout: uint8 [N, K/2] (high nibble first) and [K/g, N, 2] scale/zero
         u = (q + 8).to(torch.uint8)
         self.tinygemm = None
@@ -88,6 +92,7 @@ class Weights:
 
     def nbytes(self, fmt: str) -> int:
         n, k = self.n, self.k
+        fmt = fmt.replace("_ckpt", "")
         return {"bf16": 2 * n * k, "nvfp4": n * k // 2 + n * k // 16 + 4 * n, "int4": n * k // 2 + 2 * n * k // GROUP,
                 "tinygemm": n * k // 2 + 4 * n * k // GROUP, "fp8": n * k + 4 * n, "fp8_wo": n * k + 4 * n,
                 "fp8_triton": n * k + 4 * n, "fp8_scaled_mm": n * k + 4 * n, "int8": n * k + 4 * n}[fmt]
@@ -100,11 +105,14 @@ def kernel_fns(w: Weights, x: torch.Tensor) -> dict:
     p4, s4 = w.int4
     w8, ws8 = w.fp8
     wi, wsi = w.int8
+    deq_nvfp4 = lambda: nm.dequant_nvfp4(p, bs, rs)  # noqa: E731
+    deq_int4 = lambda: nm.dequant_int(nm.unpack_int32(p4, 4, k), s4, None, GROUP)  # noqa: E731
     fns = {
         "bf16": (lambda: torch.matmul(x, w.bf16.t()), None),
-        "nvfp4": (lambda: kernels.nvfp4_linear(x, p, bs, rs), lambda: nm.dequant_nvfp4(p, bs, rs)),
-        "int4": (lambda: kernels.int_linear(x, p4, s4, None, 4, GROUP, k),
-                 lambda: nm.dequant_int(nm.unpack_int32(p4, 4, k), s4, None, GROUP)),
+        "nvfp4": (lambda: kernels.nvfp4_linear(x, w.nvfp4_planar, bs, rs), deq_nvfp4),
+        "int4": (lambda: kernels.int_linear(x, w.int4_planar, s4, None, 4, GROUP, k, planar=True), deq_int4),
+        "nvfp4_ckpt": (lambda: kernels.nvfp4_linear(x, p, bs, rs), deq_nvfp4),
+        "int4_ckpt": (lambda: kernels.int_linear(x, p4, s4, None, 4, GROUP, k), deq_int4),
         "fp8": (lambda: kernels.fp8_linear(x, w8, ws8), None),
         "fp8_triton": (lambda: _fp8_triton(x, w8, ws8), None),
         "fp8_scaled_mm": (lambda: _fp8_scaled_mm(x, w8, ws8), None),
@@ -113,7 +121,7 @@ def kernel_fns(w: Weights, x: torch.Tensor) -> dict:
     }
     if w.tinygemm is not None:
         tp, sz = w.tinygemm
-        fns["tinygemm"] = (lambda: torch.ops.aten._weight_int4pack_mm(x, tp, GROUP, sz), fns["int4"][1])
+        fns["tinygemm"] = (lambda: torch.ops.aten._weight_int4pack_mm(x, tp, GROUP, sz), deq_int4)
     return fns
 
 
@@ -230,47 +238,46 @@ def print_summary(s: dict) -> None:
             print(f"  {kn:14} " + " ".join(f"{sh}:{v:.2f}" for sh, v in s["m1_bw_frac"][kn].items()))
 
 
-SWEEP_TILES = {  # candidates per M bucket: (bm, bn, bk, warps, stages)
-    "small": [(16, 64, 256, 4, 4), (16, 128, 256, 4, 4), (16, 128, 128, 4, 4), (16, 64, 512, 4, 3),
-              (16, 256, 128, 8, 4), (16, 128, 256, 8, 3)],
-    "mid": [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3)],
-    "large": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
-              (128, 128, 64, 4, 4), (64, 256, 64, 8, 3)],
+SWEEP_TILES = {  # planar kernel candidates per M bucket: (bm, bn, warps, stages)
+    "small": [(16, 64, 2, 4), (16, 32, 1, 4), (16, 64, 4, 4), (16, 128, 4, 4), (16, 64, 2, 3), (16, 128, 2, 4)],
+    "mid": [(32, 64, 2, 4), (32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 2, 4), (64, 128, 4, 3)],
 }
 
 
 def sweep(shapes: list[str], ms: list[int], json_path: str | None) -> None:
-    """Time alternative tilings and split-K factors of the NVFP4 and int4 kernels (and the plain
-    Triton decoder on the heuristic's tiling), to tune pick_tiles."""
+    """Time alternative tilings and split-K factors of the planar 4-bit kernel, the plain Triton
+    decoder, and the dequantize + cuBLAS path, to tune w4.pick_tiles and w4.DENSE_MIN_M."""
     results = []
     for shape in shapes:
         n, k = SHAPES[shape]
         w = Weights(n, k)
-        p, bs, rs = w.nvfp4
-        p4, s4 = w.int4
-        fmts = {"nvfp4": (p.view(torch.int32), G.FMT_NVFP4, dict(scale=bs, group=16, row_scale=rs)),
-                "int4": (p4, G.FMT_INT4, dict(scale=s4, group=GROUP))}
+        _, bs, rs = w.nvfp4
+        s4 = w.int4[1]
+        fmts = {"nvfp4": lambda x, **kw: W4.w4_linear(x, w.nvfp4_planar, True, k, bs, row_scale=rs, **kw),
+                "int4": lambda x, **kw: W4.w4_linear(x, w.int4_planar, False, k, s4, None, GROUP, **kw)}
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             t_bf16 = bench(lambda: torch.matmul(x, w.bf16.t()))
-            bucket = "small" if m <= 16 else "mid" if m <= 64 else "large"
-            for bm, bn, bk, warps, stages in SWEEP_TILES[bucket]:
-                auto = G.split_k(m, n, k, bm, bn, bk, x.device)
-                for split in sorted({auto, min(16, 2 * auto)} if bucket == "small" else {auto}):
-                    t = G.Tiles(bm, bn, bk, split, warps, stages)
-                    for fmt, (units, f, kw) in fmts.items():
-                        if fmt == "int4" and bk > GROUP:
-                            continue
-                        results.append(_sweep_one(shape, m, fmt, t, t_bf16, lambda: G.gemm(x, units, f, k, tiles=t, **kw)))
-            for fmt, (units, f, kw) in fmts.items():  # the plain Triton decoder, for the notes
-                t = G.pick_tiles(m, n, k, f, kw["group"], x.device)
-                results.append(_sweep_one(shape, m, fmt + "-noasm", t, t_bf16,
-                                          lambda: G.gemm(x, units, f, k, tiles=t, use_asm=False, **kw)))
-            for fmt, (_, f, kw) in fmts.items():
+            for bm, bn, warps, stages in SWEEP_TILES["small" if m <= 16 else "mid"]:
+                if bm > max(16, m):
+                    continue
+                auto = W4.pick_tiles(m, n, k, x.device).split * bn // 64 or 1
+                for split in sorted({max(1, auto // 2), auto, min(16, 2 * auto)}):
+                    t = G.Tiles(bm, bn, W4.CHUNK, split, warps, stages)
+                    for fmt, fn in fmts.items():
+                        results.append(_sweep_one(shape, m, fmt, str(t), t_bf16, lambda: fn(x, tiles=t, dense_min_m=1 << 30)))
+            for fmt, fn in fmts.items():
+                results.append(_sweep_one(shape, m, fmt + "-noasm", "heuristic", t_bf16,
+                                          lambda: fn(x, use_asm=False, dense_min_m=1 << 30)))
+                if m >= 32:
+                    results.append(_sweep_one(shape, m, fmt + "-dense", "cublas", t_bf16, lambda: fn(x, dense_min_m=1)))
+            for fmt in fmts:
                 mine = [r for r in results if r and r["shape"] == shape and r["m"] == m and r["fmt"] == fmt]
                 best = min(mine, key=lambda r: r["ms"])
+                extra = {r["fmt"]: round(r["ms"] * 1e3, 1) for r in results
+                         if r and r["shape"] == shape and r["m"] == m and r["fmt"].startswith(fmt + "-")}
                 print(f"sweep {shape:8} M={m:5d} {fmt:6} best {best['tiles']} {best['ms'] * 1e3:8.1f} us "
-                      f"x{best['x_bf16']:.2f} (heuristic {G.pick_tiles(m, n, k, f, kw['group'], x.device)})", flush=True)
+                      f"x{best['x_bf16']:.2f} heuristic {W4.pick_tiles(m, n, k, x.device)} {extra}", flush=True)
         del w
         torch.cuda.empty_cache()
     if json_path:
@@ -278,13 +285,13 @@ def sweep(shapes: list[str], ms: list[int], json_path: str | None) -> None:
             json.dump([r for r in results if r], f, indent=1)
 
 
-def _sweep_one(shape, m, fmt, tiles, t_bf16, fn):
+def _sweep_one(shape, m, fmt, tiles: str, t_bf16, fn):
     try:
         t = bench(fn)
     except Exception as e:  # a tiling that does not compile or fit is reported and skipped
         print(f"skip {fmt} {tiles}: {type(e).__name__}: {str(e)[:80]}")
         return None
-    return dict(shape=shape, m=m, fmt=fmt, tiles=str(tiles), ms=t, x_bf16=t_bf16 / t)
+    return dict(shape=shape, m=m, fmt=fmt, tiles=tiles, ms=t, x_bf16=t_bf16 / t)
 
 
 def main() -> None:

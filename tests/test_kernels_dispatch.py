@@ -54,3 +54,24 @@ def test_w4a4_emulation_stays_on_the_reference():
     disk = make_disk(scheme, sum(sizes), k)
     load(layer, {None: disk})
     assert kernels.linear(layer.method, layer, torch.randn(2, k, dtype=torch.bfloat16)) is None
+
+
+@pytest.mark.parametrize("name", ["modelopt-w4a16-nvfp4", "ct-nvfp4", "ct-w4a16-g32-asym", "ct-w4a16-channel-asym"])
+def test_hook_takes_planar_weights(name):
+    """A unit that keeps its 4-bit weight in the planar layout (prepared once at load) gets the
+    same function from the hook: NVFP4 recognised by dtype, int4 by layer.weight_layout."""
+    scheme = SCHEMES[name]
+    sizes, k = shapes(scheme)
+    layer = build(scheme, sizes, k, dtype=torch.bfloat16)
+    load(layer, {None: make_disk(scheme, sum(sizes), k)})
+    layer.to(DEV)
+    x = torch.randn(3, k, dtype=torch.bfloat16, device=DEV)
+    ref = layer.method.reference_forward(layer, x).float()
+    w = layer.weight_packed.data
+    if scheme.weight == "nvfp4":
+        layer.weight_packed = torch.nn.Parameter(kernels.prepare_nvfp4(w), requires_grad=False)
+    else:
+        layer.weight_packed = torch.nn.Parameter(kernels.prepare_int4(w, k), requires_grad=False)
+        layer.weight_layout = "planar"
+    y = kernels.linear(layer.method, layer, x)
+    assert y is not None and ((y.float() - ref).norm() / ref.norm()).item() < 2e-2

@@ -21,7 +21,6 @@ import triton.language as tl
 
 NVFP4_EXP_BF16 = 26
 NVFP4_EXP_FP16 = 14
-_X8 = tl.constexpr(((tl.float16,) * 8, (tl.bfloat16,) * 8))  # the asm blocks' 8 outputs, by DT == bf16
 
 
 @triton.jit
@@ -77,34 +76,41 @@ _NVFP4_PAIR = """
     shr.b32 w, t, {mshift};
     and.b32 w, w, {mmask};
     or.b32 v, v, w;
-    mul.rn.{ty} ${out}, v, $10;"""
+    mul.rn.{ty} ${out}, v, {mult};"""
+# the multiplier register without a scale operand: 2^126 (bf16x2) / 2^14 (f16x2) -> exact E2M1
+_UNIT = {True: "0x7E807E80", False: "0x74007400"}
 
 
-def _nvfp4_asm_text(bf16: bool) -> str:
+def _nvfp4_asm_text(bf16: bool, scaled: bool = True) -> str:
     body = []
     for j in range(8):
         e = j // 2
         body.append(_NVFP4_PAIR.format(
             sel=hex((e << 4) | ((4 + e) << 12)), shift="shl.b32 t, t, 4;" if j % 2 == 0 else "",
             mshift=6 if bf16 else 3, mmask="0x01C001C0" if bf16 else "0x0E000E00",
-            ty="bf16x2" if bf16 else "f16x2", out=j))
-    return "{\n    .reg .b32 t, v, w;" + "".join(body) + "\n}"
+            ty="bf16x2" if bf16 else "f16x2", out=j, mult="$10" if scaled else "c"))
+    head = "" if scaled else f"\n    mov.b32 c, {_UNIT[bf16]};"
+    return "{\n    .reg .b32 t, v, w, c;" + head + "".join(body) + "\n}"
 
 
 _NVFP4_ASM_BF16 = tl.constexpr(_nvfp4_asm_text(True))
 _NVFP4_ASM_FP16 = tl.constexpr(_nvfp4_asm_text(False))
+_E2M1_ASM_BF16 = tl.constexpr(_nvfp4_asm_text(True, scaled=False))
+_E2M1_ASM_FP16 = tl.constexpr(_nvfp4_asm_text(False, scaled=False))
 
 
 @triton.jit
 def _nvfp4_asm(units, scale, DT: tl.constexpr):
     if DT == tl.bfloat16:
         v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            _NVFP4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, scale], dtype=_X8[True], is_pure=True,
-            pack=2)
+            _NVFP4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, scale],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16), is_pure=True, pack=2)
     else:
         v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            _NVFP4_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, scale], dtype=_X8[False], is_pure=True,
-            pack=2)
+            _NVFP4_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, scale],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=2)
     return join8(v0, v1, v2, v3, v4, v5, v6, v7)
 
 
@@ -150,34 +156,29 @@ _INT4_PAIR = """
     {shift}
     and.b32 t, t, 0x000F000F;
     or.b32 t, t, {magic};
-    sub.rn.{ty} ${out}, t, $10;{scale}"""
+    sub.rn.{ty} ${out}, t, {off};{scale}"""
 
 
-def _int4_asm_text(bf16: bool, scaled: bool) -> str:
+def _int4_asm_text(bf16: bool, scaled: bool, unary: bool = False) -> str:
+    """unary: no offset/scale operands, the offset is the storage offset 8 alone (q = code - 8)."""
     body = []
     ty = "bf16x2" if bf16 else "f16x2"
     for j in range(8):
         e = j // 2
         body.append(_INT4_PAIR.format(
             sel=hex(e | ((4 + e) << 8)), shift="shr.b32 t, t, 4;" if j % 2 else "",
-            magic="0x43004300" if bf16 else "0x64006400", ty=ty, out=j,
+            magic="0x43004300" if bf16 else "0x64006400", ty=ty, out=j, off="c" if unary else "$10",
             scale=f"\n    mul.rn.{ty} ${j}, ${j}, $11;" if scaled else ""))
-    return "{\n    .reg .b32 t;" + "".join(body) + "\n}"
+    head = f"\n    mov.b32 c, {'0x43084308' if bf16 else '0x64086408'};" if unary else ""  # 136 / 1032
+    return "{\n    .reg .b32 t, c;" + head + "".join(body) + "\n}"
 
 
 _INT4_ASM_BF16_S = tl.constexpr(_int4_asm_text(True, True))
 _INT4_ASM_BF16 = tl.constexpr(_int4_asm_text(True, False))
 _INT4_ASM_FP16_S = tl.constexpr(_int4_asm_text(False, True))
 _INT4_ASM_FP16 = tl.constexpr(_int4_asm_text(False, False))
-
-
-@triton.jit
-def _int4_asm_call(units, off, scale, ASM: tl.constexpr, DT: tl.constexpr, HAS_SCALE: tl.constexpr):
-    if HAS_SCALE:
-        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [units, off, scale.to(DT)],
-                                         dtype=_X8[DT == tl.bfloat16], is_pure=True, pack=2)
-    return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, off], dtype=_X8[DT == tl.bfloat16],
-                                     is_pure=True, pack=2)
+_Q4_ASM_BF16 = tl.constexpr(_int4_asm_text(True, False, unary=True))
+_Q4_ASM_FP16 = tl.constexpr(_int4_asm_text(False, False, unary=True))
 
 
 @triton.jit
@@ -186,15 +187,27 @@ def _int4_asm(units, offset, scale, DT: tl.constexpr, HAS_SCALE: tl.constexpr):
     if DT == tl.bfloat16:
         off = (offset.to(tl.float32) + 128.0).to(DT)
         if HAS_SCALE:
-            v0, v1, v2, v3, v4, v5, v6, v7 = _int4_asm_call(units, off, scale, _INT4_ASM_BF16_S, DT, True)
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _INT4_ASM_BF16_S, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [units, off, scale.to(DT)],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                       tl.bfloat16), is_pure=True, pack=2)
         else:
-            v0, v1, v2, v3, v4, v5, v6, v7 = _int4_asm_call(units, off, scale, _INT4_ASM_BF16, DT, False)
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _INT4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, off],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                       tl.bfloat16), is_pure=True, pack=2)
     else:
         off = (offset.to(tl.float32) + 1024.0).to(DT)
         if HAS_SCALE:
-            v0, v1, v2, v3, v4, v5, v6, v7 = _int4_asm_call(units, off, scale, _INT4_ASM_FP16_S, DT, True)
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _INT4_ASM_FP16_S, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [units, off, scale.to(DT)],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16), is_pure=True, pack=2)
         else:
-            v0, v1, v2, v3, v4, v5, v6, v7 = _int4_asm_call(units, off, scale, _INT4_ASM_FP16, DT, False)
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _INT4_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, off],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16), is_pure=True, pack=2)
     return join8(v0, v1, v2, v3, v4, v5, v6, v7)
 
 
@@ -222,3 +235,54 @@ def int8_tile(units, offset, scale, DT: tl.constexpr, HAS_SCALE: tl.constexpr):
         s = scale.to(tl.float32)
         v0, v1, v2, v3 = v0 * s, v1 * s, v2 * s, v3 * s
     return join4(v0.to(DT), v1.to(DT), v2.to(DT), v3.to(DT))
+
+
+# ---------------------------------------------------------------- planar 4-bit words (w4.py)
+# In the planar layout nibble j of a word belongs to K-block j of a 128-element chunk, so the eight
+# outputs of one decode are eight contiguous K-blocks. The decode takes the words alone (no scale,
+# no offset operand): Triton then loads the words from shared memory straight into the MMA operand
+# layout and runs the PTX there, with no shared-memory round trip for the decoded weights. The
+# scales are applied to the MMA results instead (w4.py).
+@triton.jit
+def _planar_asm(units, ASM: tl.constexpr, DT: tl.constexpr):
+    if DT == tl.bfloat16:
+        v = tl.inline_asm_elementwise(
+            ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [units],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16), is_pure=True, pack=2)
+    else:
+        v = tl.inline_asm_elementwise(
+            ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [units],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=2)
+    return v
+
+
+@triton.jit
+def _planar_code(units, j: tl.constexpr, NVFP4: tl.constexpr, DT: tl.constexpr):
+    c = (units >> (4 * j)) & 0xF
+    if NVFP4:
+        v = (_e2m1_f32(c) * 16384.0).to(DT)
+    else:
+        v = (c - 8).to(tl.float32).to(DT)
+    return v
+
+
+@triton.jit
+def planar_tile(units, NVFP4: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words [R, W] -> 8 tensors [R, W] in DT: nibble j as its exact value (E2M1, or the
+    int4 q = code - 8)."""
+    if USE_ASM:
+        if NVFP4 and DT == tl.bfloat16:
+            v = _planar_asm(units, _E2M1_ASM_BF16, DT)
+        elif NVFP4:
+            v = _planar_asm(units, _E2M1_ASM_FP16, DT)
+        elif DT == tl.bfloat16:
+            v = _planar_asm(units, _Q4_ASM_BF16, DT)
+        else:
+            v = _planar_asm(units, _Q4_ASM_FP16, DT)
+    else:
+        v = (_planar_code(units, 0, NVFP4, DT), _planar_code(units, 1, NVFP4, DT), _planar_code(units, 2, NVFP4, DT),
+             _planar_code(units, 3, NVFP4, DT), _planar_code(units, 4, NVFP4, DT), _planar_code(units, 5, NVFP4, DT),
+             _planar_code(units, 6, NVFP4, DT), _planar_code(units, 7, NVFP4, DT))
+    return v

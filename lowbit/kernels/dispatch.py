@@ -3,7 +3,9 @@ None when no kernel covers the case (the unit then runs its plain-PyTorch refere
 
 It reads the units' in-memory parameters by their names (lowbit/quant/methods/*: weight_packed,
 weight_scale, weight_zero_point, row_scale, weight, input_scale, bias) and follows their numerics:
-activations are quantized exactly when `method.quantize_activations()` says so.
+activations are quantized exactly when `method.quantize_activations()` says so. 4-bit weights take
+the fast path when the unit keeps them in the planar layout (prepare_nvfp4 / prepare_int4 at load):
+NVFP4 is recognised by its int32 dtype, int4 by `layer.weight_layout == "planar"`.
 """
 from __future__ import annotations
 
@@ -27,15 +29,17 @@ def linear(method, layer, x: torch.Tensor) -> torch.Tensor | None:
     s, k, bias = method.scheme, x.shape[-1], layer.bias
     quant_x = method.quantize_activations()
     if s.weight == "nvfp4":
-        if quant_x or not ops.nvfp4_supported(k):  # W4A4 emulation stays on the reference
+        planar = layer.weight_packed.dtype == torch.int32
+        if quant_x or not (planar or ops.nvfp4_supported(k)):  # W4A4 emulation stays on the reference
             return None
         return ops.nvfp4_linear(x, layer.weight_packed, layer.weight_scale, layer.row_scale, bias)
     if s.weight in ("int4", "int8") and s.packed:
         bits, group = method.bits, method.group
-        if not ops.int_supported(bits, group):
+        planar = getattr(layer, "weight_layout", None) == "planar"
+        if not ops.int_supported(bits, group, planar):
             return None
         return ops.int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
-                              bits, group, k, bias)
+                              bits, group, k, bias, planar=planar)
     if s.weight in ("fp8", "int8") and s.granularity in ("tensor", "channel"):
         input_scale = None
         if quant_x:
