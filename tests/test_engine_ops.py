@@ -2,8 +2,8 @@
 
 On CPU the kernels run in Triton's interpreter, in a subprocess (TRITON_INTERPRET must be set
 before triton compiles anything). The interpreter has no bf16 matmul and rounds FP8 wrongly at
-exponent boundaries, so there fp16/fp32 are checked (bit-exact where the reference rounds the
-same way) and bf16/FP8 are checked on a GPU.
+exponent boundaries, so there fp16/fp32 are checked and bf16/FP8 are checked on a GPU. Compiled
+for a GPU, the rotary kernel is 1 ulp off eager PyTorch on a rare element (seen on an H200).
 """
 from __future__ import annotations
 
@@ -70,9 +70,12 @@ def _check_rope(ops, dt, device, d, rot, exact_fp8):
         scales = (torch.tensor(0.05, device=device), torch.tensor(0.03, device=device)) if fp8 else (None, None)
         qa, ka = ops.rope_and_store(q, k, v, cos, sin, caches[0], caches[1], slots, pos, *scales)
         qb, kb = without_triton(ops, ops.rope_and_store, q, k, v, cos, sin, caches[2], caches[3], slots, pos, *scales)
-        assert torch.equal(qa, qb) and torch.equal(ka, kb)
-        if exact_fp8 or not fp8:
-            assert torch.equal(caches[0].float(), caches[2].float()) and torch.equal(caches[1].float(), caches[3].float())
+        # the interpreter matches eager bit for bit; compiled for a GPU, a rare element is 1 ulp off
+        ulp = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dt]
+        close = lambda a, b, rtol: torch.allclose(a.float(), b.float(), rtol=rtol, atol=1e-6)  # noqa: E731
+        assert close(qa, qb, ulp) and close(ka, kb, ulp)
+        if exact_fp8 or not fp8:  # one E4M3 step (2^-3) where a 1-ulp input difference crosses a boundary
+            assert close(caches[0], caches[2], 2**-3 if fp8 else ulp) and close(caches[1], caches[3], 2**-3 if fp8 else ulp)
 
 
 def _check_decode_attention(ops, dt, device, d):
