@@ -77,6 +77,7 @@ class Engine:
         self.cuda_graphs = graphs_ok
         self.buckets = buckets_for(num_slots)
         self._graphs: dict[int, tuple] = {}
+        self._graph_slots: dict[int, list[int]] = {}  # what each graph's slot buffer holds
         self._pool = torch.cuda.graph_pool_handle() if graphs_ok else None
 
     # ------------------------------------------------------------------ slots
@@ -122,7 +123,9 @@ class Engine:
         graph = self._graph(bucket) if self.cuda_graphs else None
         if graph is not None:
             g, slot_ids, logits = graph
-            slot_ids.copy_(self._host(ids), non_blocking=True)
+            if self._graph_slots.get(bucket) != ids:  # the batch changed: refill the static slot list
+                slot_ids.copy_(self._host(ids), non_blocking=True)
+                self._graph_slots[bucket] = ids
             g.replay()
         else:
             slot_ids = self._to_device(ids)
