@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gemm.py \
-    tests/test_kernels_w8a8.py tests/test_kernels_dispatch.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+    tests/test_kernels_w8a8.py tests/test_kernels_dispatch.py tests/test_kernels_w4.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
 if [ "${SWEEP_S:-0}" -gt 0 ]; then
   timeout "$SWEEP_S" python3 benchmarks/kernels.py --sweep --ms "${SWEEP_MS:-1,16}" \
       --shapes "${SWEEP_SHAPES:-gate_up,down}" --json "$OUT/sweep.json" > "$OUT/sweep.txt" 2>&1

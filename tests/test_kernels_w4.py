@@ -85,7 +85,7 @@ def test_planar_shape_mismatch_and_support_rules():
 
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 16, 64, w4.DENSE_MIN_M])
+@pytest.mark.parametrize("m", [1, 16, 128, 512])  # planar and dense paths of both formats
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_planar_real_sizes(m, dtype):
     n, k = 4304, 4096

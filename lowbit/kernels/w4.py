@@ -77,62 +77,77 @@ def unprepare_w4(planar: torch.Tensor, nvfp4: bool, k: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- kernels
 @triton.jit
-def _chain(v, x_rows, k0, K, m_ok, part, xs, HAS_ZP: tl.constexpr, UPCAST: tl.constexpr):
+def _chain(v, x_rows, k0, K, m_ok, part, xs, HAS_ZP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
     """part + v [BN, 16] @ x[:, k0:k0+16].T (fp32 [BN, BM]). With zero points, xs accumulates the
     block sums of x the same way, as an MMA with a ones operand: it lands in the accumulator's
     layout, where a reduction across lanes would cost shuffles."""
     offs_k = k0 + tl.arange(0, 16)
-    xt = tl.load(x_rows + offs_k[:, None], mask=m_ok[None, :] & (offs_k[:, None] < K), other=0.0)
+    k_ok = offs_k[:, None] < K
+    if EVEN_K:  # K % 128 == 0: no K mask to compute in the inner loop
+        k_ok = offs_k[:, None] >= 0
+    xt = tl.load(x_rows + offs_k[:, None], mask=m_ok[None, :] & k_ok, other=0.0)
     if HAS_ZP:
         xs = _dot(tl.full(v.shape, 1.0, v.dtype), xt, xs, UPCAST)
     return _dot(v, xt, part, UPCAST), xs
 
 
 @triton.jit
-def _scaled(acc, part, xs, s_ptr, z_ptr, offs_n, n_ok, g, stride_sn, stride_zn, NVFP4: tl.constexpr,
-            HAS_ZP: tl.constexpr, SCALED: tl.constexpr):
-    """acc + scale[n, g] * (part - zp[n, g] * xs): one scale group's contribution (xs: the group's
-    sums of x, [BN, BM])."""
-    if HAS_ZP:
-        zp = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.float32)
-        part = part - zp[:, None] * xs
-    if SCALED:
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0)
-        if NVFP4:  # E4M3 arrives as raw bytes
-            s = s.to(tl.float8e4nv, bitcast=True)
-        part = part * s.to(tl.float32)[:, None]
-    return acc + part
+def _scale_tile(ptr, offs_n, n_ok, stride, g0, G, NG: tl.constexpr, E4M3: tl.constexpr, DT: tl.constexpr):
+    """Columns g0..g0+NG of a per-group tensor as an MMA operand [BN, 16] in DT (exact: E4M3,
+    bf16/fp16 scales, int8 zero points)."""
+    cols = tl.arange(0, 16)
+    g = g0 + cols
+    t = tl.load(ptr + offs_n[:, None] * stride + g[None, :], mask=n_ok[:, None] & ((cols < NG) & (g < G))[None, :],
+                other=0)
+    if E4M3:  # arrives as raw bytes
+        t = t.to(tl.float8e4nv, bitcast=True)
+    return t.to(tl.float32).to(DT)
 
 
 @triton.jit
-def _group(acc, va, vb, vc, vd, x_rows, k0, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g, stride_sn, stride_zn,
-           BLOCKS: tl.constexpr, NVFP4: tl.constexpr, HAS_ZP: tl.constexpr, SCALED: tl.constexpr,
-           UPCAST: tl.constexpr):
-    """BLOCKS (1, 2 or 4) consecutive K-blocks sharing scale column g, chained on the MMA
-    accumulator, then scaled into acc."""
-    part = tl.zeros(acc.shape, dtype=tl.float32)
-    xs = tl.zeros(acc.shape, dtype=tl.float32)
-    part, xs = _chain(va, x_rows, k0, K, m_ok, part, xs, HAS_ZP, UPCAST)
-    if BLOCKS >= 2:
-        part, xs = _chain(vb, x_rows, k0 + 16, K, m_ok, part, xs, HAS_ZP, UPCAST)
-    if BLOCKS == 4:
-        part, xs = _chain(vc, x_rows, k0 + 32, K, m_ok, part, xs, HAS_ZP, UPCAST)
-        part, xs = _chain(vd, x_rows, k0 + 48, K, m_ok, part, xs, HAS_ZP, UPCAST)
-    return _scaled(acc, part, xs, s_ptr, z_ptr, offs_n, n_ok, g, stride_sn, stride_zn, NVFP4, HAS_ZP, SCALED)
+def _grouped(acc, v, x_rows, k0, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, G, stride_sn, stride_zn, GROUP: tl.constexpr,
+             NVFP4: tl.constexpr, HAS_ZP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+    """One chunk's eight K-block products, BPG consecutive blocks per scale column, into acc.
+
+    The blocks of a group chain on the MMA accumulator; each group's sum is then scaled (and
+    zero-point corrected) in the accumulator's layout. Loaded as [BN] vectors the scales would each
+    need a layout conversion through shared memory, a barrier apiece; instead the chunk's scale
+    columns are one [BN, 16] MMA operand, and an MMA with a one-hot [16, BM] selector puts column h
+    into the accumulator layout: scale[n, g0+h] for every m, exactly.
+    """
+    BM: tl.constexpr = acc.shape[1]
+    DT: tl.constexpr = v[0].dtype
+    BPG: tl.constexpr = 8 if GROUP >= 128 else GROUP // 16
+    g0 = k0 // GROUP
+    st = _scale_tile(s_ptr, offs_n, n_ok, stride_sn, g0, G, 8 // BPG, NVFP4, DT)
+    zt = st
+    if HAS_ZP:
+        zt = _scale_tile(z_ptr, offs_n, n_ok, stride_zn, g0, G, 8 // BPG, False, DT)
+    rows = tl.arange(0, 16)[:, None]
+    zero = tl.zeros(acc.shape, dtype=tl.float32)
+    for h in tl.static_range(8 // BPG):
+        part, xs = zero, zero
+        for i in tl.static_range(BPG):
+            part, xs = _chain(v[h * BPG + i], x_rows, k0 + 16 * (h * BPG + i), K, m_ok, part, xs, HAS_ZP, EVEN_K,
+                              UPCAST)
+        sel = tl.broadcast_to((rows == h).to(tl.float32).to(DT), (16, BM))
+        if HAS_ZP:
+            part -= _dot(zt, sel, zero, UPCAST) * xs
+        acc += part * _dot(st, sel, zero, UPCAST)
+    return acc
 
 
 @triton.jit
 def _w4_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, out_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_os, chunks_per_split,
+    M, N, K, G, stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_os, chunks_per_split,
     NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr,
 ):
+    """GROUP: K elements per scale column (NVFP4 16; int4 16/32/64/k*128), 0 for per-channel int4
+    (its scale is the epilogue's row scale, its zero point one value per row)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    # K-blocks of 16 per scale column: 1 (NVFP4, int4 g16), 2 (g32), 4 (g64), else the whole
-    # chunk (g >= 128, or per channel: GROUP == 0, whose scale is the epilogue's row scale)
-    BPG: tl.constexpr = 8 if (GROUP == 0 or GROUP >= 128) else GROUP // 16
-    SCALED: tl.constexpr = GROUP != 0
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     pid_m = pid % num_m  # M tiles vary fastest: programs sharing a weight tile run together
@@ -145,59 +160,20 @@ def _w4_kernel(
     x_rows = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
 
     acc = tl.zeros((BN, BM), dtype=tl.float32)
+    xs = tl.zeros((BN, BM), dtype=tl.float32)  # per channel with zero points: x's running sums
     c_begin = tl.program_id(1) * chunks_per_split
     c_end = tl.minimum(tl.cdiv(K, 128), c_begin + chunks_per_split)
     for c in range(c_begin, c_end):
         units = tl.load(w_rows + c * 16 + tl.arange(0, 16)[None, :], mask=n_ok[:, None], other=0)
-        v0, v1, v2, v3, v4, v5, v6, v7 = dq.planar_tile(units, NVFP4, DT, USE_ASM)
-        k0 = c * 128
-        if BPG == 8:
-            part = tl.zeros((BN, BM), dtype=tl.float32)
-            xs = tl.zeros((BN, BM), dtype=tl.float32)
-            part, xs = _chain(v0, x_rows, k0, K, m_ok, part, xs, HAS_ZP, UPCAST)
-            part, xs = _chain(v1, x_rows, k0 + 16, K, m_ok, part, xs, HAS_ZP, UPCAST)
-            part, xs = _chain(v2, x_rows, k0 + 32, K, m_ok, part, xs, HAS_ZP, UPCAST)
-            part, xs = _chain(v3, x_rows, k0 + 48, K, m_ok, part, xs, HAS_ZP, UPCAST)
-            part, xs = _chain(v4, x_rows, k0 + 64, K, m_ok, part, xs, HAS_ZP, UPCAST)
-            part, xs = _chain(v5, x_rows, k0 + 80, K, m_ok, part, xs, HAS_ZP, UPCAST)
-            part, xs = _chain(v6, x_rows, k0 + 96, K, m_ok, part, xs, HAS_ZP, UPCAST)
-            part, xs = _chain(v7, x_rows, k0 + 112, K, m_ok, part, xs, HAS_ZP, UPCAST)
-            g = k0 // GROUP if SCALED else 0
-            acc = _scaled(acc, part, xs, s_ptr, z_ptr, offs_n, n_ok, g, stride_sn, stride_zn, NVFP4, HAS_ZP, SCALED)
-        elif BPG == 4:
-            g = k0 // GROUP
-            acc = _group(acc, v0, v1, v2, v3, x_rows, k0, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g, stride_sn,
-                         stride_zn, 4, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v4, v5, v6, v7, x_rows, k0 + 64, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 1,
-                         stride_sn, stride_zn, 4, NVFP4, HAS_ZP, SCALED, UPCAST)
-        elif BPG == 2:
-            g = k0 // GROUP
-            acc = _group(acc, v0, v1, v0, v0, x_rows, k0, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g, stride_sn,
-                         stride_zn, 2, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v2, v3, v0, v0, x_rows, k0 + 32, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 1, stride_sn,
-                         stride_zn, 2, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v4, v5, v0, v0, x_rows, k0 + 64, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 2, stride_sn,
-                         stride_zn, 2, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v6, v7, v0, v0, x_rows, k0 + 96, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 3, stride_sn,
-                         stride_zn, 2, NVFP4, HAS_ZP, SCALED, UPCAST)
-        else:  # one scale per K-block of 16 (NVFP4's block scales)
-            g = k0 // 16
-            acc = _group(acc, v0, v0, v0, v0, x_rows, k0, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g, stride_sn,
-                         stride_zn, 1, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v1, v0, v0, v0, x_rows, k0 + 16, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 1, stride_sn,
-                         stride_zn, 1, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v2, v0, v0, v0, x_rows, k0 + 32, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 2, stride_sn,
-                         stride_zn, 1, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v3, v0, v0, v0, x_rows, k0 + 48, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 3, stride_sn,
-                         stride_zn, 1, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v4, v0, v0, v0, x_rows, k0 + 64, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 4, stride_sn,
-                         stride_zn, 1, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v5, v0, v0, v0, x_rows, k0 + 80, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 5, stride_sn,
-                         stride_zn, 1, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v6, v0, v0, v0, x_rows, k0 + 96, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 6, stride_sn,
-                         stride_zn, 1, NVFP4, HAS_ZP, SCALED, UPCAST)
-            acc = _group(acc, v7, v0, v0, v0, x_rows, k0 + 112, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, g + 7, stride_sn,
-                         stride_zn, 1, NVFP4, HAS_ZP, SCALED, UPCAST)
+        v = dq.planar_tile(units, NVFP4, DT, USE_ASM)
+        if GROUP == 0:
+            for j in tl.static_range(8):
+                acc, xs = _chain(v[j], x_rows, c * 128 + 16 * j, K, m_ok, acc, xs, HAS_ZP, EVEN_K, UPCAST)
+        else:
+            acc = _grouped(acc, v, x_rows, c * 128, K, m_ok, s_ptr, z_ptr, offs_n, n_ok, G, stride_sn, stride_zn,
+                           GROUP, NVFP4, HAS_ZP, EVEN_K, UPCAST)
+    if GROUP == 0 and HAS_ZP:
+        acc -= tl.load(z_ptr + offs_n * stride_zn, mask=n_ok, other=0).to(tl.float32)[:, None] * xs
 
     if HAS_ROW_SCALE:
         acc *= tl.load(rs_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -236,7 +212,10 @@ def _dense_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, K, stride_wn, stride_
 
 
 # ---------------------------------------------------------------- launchers
-DENSE_MIN_M = 256  # from this many tokens on: dequantize once, multiply with cuBLAS
+# From this many tokens on, dequantize once and multiply with cuBLAS (tensor-core bound). NVFP4's
+# per-block scaling costs BM/16 FMAs per weight in the planar kernel, so it switches earlier.
+# (Measured on an H200: docs/kernel-notes.md.)
+DENSE_MIN_M = {True: 128, False: 512}  # by nvfp4
 
 
 def planar_supported(group: int) -> bool:
@@ -245,11 +224,13 @@ def planar_supported(group: int) -> bool:
     return group in (0, 16, 32, 64) or group % 128 == 0
 
 
-def pick_tiles(m: int, n: int, k: int, device: torch.device) -> Tiles:
-    """mma.sync tiles of 2 warps (many CTAs per SM hide the decode's latency); K split until
-    the grid holds about 4 CTAs per SM."""
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    t = Tiles(bm, 64, CHUNK, warps=2, stages=4)
+def pick_tiles(m: int, n: int, k: int, device: torch.device, nvfp4: bool = True) -> Tiles:
+    """Decode: mma.sync tiles of 2 warps (many CTAs per SM hide the decode's latency); larger M:
+    4-warp tiles. K split until the grid holds about 4 CTAs per SM."""
+    if m <= 16:
+        t = Tiles(16, 64, CHUNK, warps=2, stages=4)
+    else:
+        t = Tiles(32 if m <= 32 else 64, 64 if nvfp4 else 128, CHUNK, warps=4, stages=3)
     tiles = triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn)
     split = max(1, min(triton.cdiv(4 * _sm_count(device), tiles), triton.cdiv(k, CHUNK) // 4, 16))
     return Tiles(t.bm, t.bn, t.bk, split, t.warps, t.stages)
@@ -267,21 +248,21 @@ def _scales(nvfp4: bool, scale: torch.Tensor, row_scale: torch.Tensor | None, gr
 def w4_linear(x: torch.Tensor, planar: torch.Tensor, nvfp4: bool, k: int, scale: torch.Tensor,
               zero: torch.Tensor | None = None, group: int = 16, row_scale: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, tiles: Tiles | None = None, use_asm: bool = True,
-              dense_min_m: int = DENSE_MIN_M) -> torch.Tensor:
+              dense_min_m: int | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16) @ W.T for planar 4-bit weights (see the module docstring)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, n = x2.shape[0], planar.shape[0]
-    if m >= dense_min_m:
+    if m >= (dense_min_m or DENSE_MIN_M[nvfp4]):
         w = dense_weight(planar, nvfp4, k, scale, zero, group, row_scale, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
     s, rs, grp = _scales(nvfp4, scale, row_scale, group)
-    t = tiles or pick_tiles(m, n, k, x.device)
+    t = tiles or pick_tiles(m, n, k, x.device, nvfp4)
     chunks = triton.cdiv(k, CHUNK)
     per_split = triton.cdiv(chunks, t.split)
     split = triton.cdiv(chunks, per_split)
@@ -289,10 +270,10 @@ def w4_linear(x: torch.Tensor, planar: torch.Tensor, nvfp4: bool, k: int, scale:
     _w4_kernel[(triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn), split)](
         x2, planar, s if s is not None else planar, zero if zero is not None else planar,
         rs if rs is not None else planar, bias if bias is not None else planar, dst,
-        m, n, k, x2.stride(0), planar.stride(0), s.stride(0) if s is not None else 0,
+        m, n, k, s.shape[1] if s is not None else 1, x2.stride(0), planar.stride(0), s.stride(0) if s is not None else 0,
         zero.stride(0) if zero is not None else 0, n, m * n, per_split,
         NVFP4=nvfp4, GROUP=grp, HAS_ZP=zero is not None, HAS_ROW_SCALE=rs is not None,
-        HAS_BIAS=bias is not None and split == 1, USE_ASM=use_asm and not interpreting(),
+        HAS_BIAS=bias is not None and split == 1, EVEN_K=k % CHUNK == 0, USE_ASM=use_asm and not interpreting(),
         UPCAST=interpreting() and x.dtype == torch.bfloat16, BM=t.bm, BN=t.bn,
         num_warps=t.warps, num_stages=t.stages)
     if split > 1:
