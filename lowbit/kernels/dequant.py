@@ -183,32 +183,33 @@ _Q4_ASM_FP16 = tl.constexpr(_int4_asm_text(False, False, unary=True))
 
 @triton.jit
 def _int4_asm(units, offset, scale, DT: tl.constexpr, HAS_SCALE: tl.constexpr):
-    # the offset in the lane dtype: (128|1024) + 8 + zp is an exact small integer in bf16 and fp16
+    # the offset in the lane dtype: (128|1024) + 8 + zp is an exact small integer in bf16 and fp16;
+    # the unscaled PTX leaves the scale operand unread
     if DT == tl.bfloat16:
-        off = (offset.to(tl.float32) + 128.0).to(DT)
+        args = [units, (offset.to(tl.float32) + 128.0).to(DT), scale.to(DT)]
         if HAS_SCALE:
-            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-                _INT4_ASM_BF16_S, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [units, off, scale.to(DT)],
+            v = tl.inline_asm_elementwise(
+                _INT4_ASM_BF16_S, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args,
                 dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
                        tl.bfloat16), is_pure=True, pack=2)
         else:
-            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-                _INT4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, off],
+            v = tl.inline_asm_elementwise(
+                _INT4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args,
                 dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
                        tl.bfloat16), is_pure=True, pack=2)
     else:
-        off = (offset.to(tl.float32) + 1024.0).to(DT)
+        args = [units, (offset.to(tl.float32) + 1024.0).to(DT), scale.to(DT)]
         if HAS_SCALE:
-            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-                _INT4_ASM_FP16_S, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [units, off, scale.to(DT)],
+            v = tl.inline_asm_elementwise(
+                _INT4_ASM_FP16_S, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args,
                 dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
                        tl.float16), is_pure=True, pack=2)
         else:
-            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-                _INT4_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, off],
+            v = tl.inline_asm_elementwise(
+                _INT4_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args,
                 dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
                        tl.float16), is_pure=True, pack=2)
-    return join8(v0, v1, v2, v3, v4, v5, v6, v7)
+    return join8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7])
 
 
 @triton.jit

@@ -82,6 +82,20 @@ def _weight_tile(units, scale, offset, DT: tl.constexpr, FMT: tl.constexpr, HAS_
 
 
 @triton.jit
+def tile_coords(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Output rows (offs_n) and tokens (offs_m) of this program's [BN, BM] tile, with their masks.
+
+    M tiles vary fastest: the programs sharing one weight tile run together, so each weight byte
+    comes from HBM once and the (small) activations are re-read from L2.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    offs_n = (pid // num_m) * BN + tl.arange(0, BN)
+    offs_m = (pid % num_m) * BM + tl.arange(0, BM)
+    return offs_n, offs_m, offs_n < N, offs_m < M
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, xs_ptr, b_ptr, out_ptr,
     M, N, K, KU, G,  # KU: stored units per weight row; G: scale columns
@@ -98,18 +112,8 @@ def _gemm_kernel(
     DT: tl.constexpr = tl.float8e4nv if (ACT_Q and FMT == 3) else x_ptr.dtype.element_ty
     ACC: tl.constexpr = tl.int32 if DT == tl.int8 else tl.float32
 
-    # M tiles vary fastest: the programs sharing one weight tile run together, so each weight
-    # byte comes from HBM once and the (small) activations are re-read from L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
+    offs_n, offs_m, n_ok, m_ok = tile_coords(M, N, BM, BN)
     pid_k = tl.program_id(1)
-
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    n_ok = offs_n < N
-    m_ok = offs_m < M
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import dequant as dq
-from .gemm import Tiles, _dot, _sm_count, _splitk_reduce_kernel, interpreting
+from .gemm import Tiles, _dot, _sm_count, _splitk_reduce_kernel, interpreting, tile_coords
 
 CHUNK = 128  # K elements per 16 planar words
 _ROWS = 8192  # rows repacked at a time (bounds the temporaries)
@@ -148,14 +148,7 @@ def _w4_kernel(
     """GROUP: K elements per scale column (NVFP4 16; int4 16/32/64/k*128), 0 for per-channel int4
     (its scale is the epilogue's row scale, its zero point one value per row)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m  # M tiles vary fastest: programs sharing a weight tile run together
-    pid_n = pid // num_m
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    n_ok = offs_n < N
-    m_ok = offs_m < M
+    offs_n, offs_m, n_ok, m_ok = tile_coords(M, N, BM, BN)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
 
