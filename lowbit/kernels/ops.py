@@ -9,8 +9,10 @@ import torch
 
 NVFP4_BLOCK = 16
 # torch._scaled_mm (cuBLASLt, row-wise scales) takes over FP8 W8A8 from the Triton kernel from
-# this many tokens on; below it the swap-AB Triton kernel keeps the weight read at full bandwidth.
-SCALED_MM_MIN_M = 64
+# this many tokens on; below it the swap-AB Triton kernel reads the weight faster (H200, summed
+# over the Llama-3-8B shapes: Triton 1.44x vs cuBLASLt 1.30x over bf16 at M=64, 0.92x vs 1.48x at
+# M=128; docs/benchmarks.md).
+SCALED_MM_MIN_M = 128
 
 
 def _check_x(x: torch.Tensor, k: int, what: str) -> None:
