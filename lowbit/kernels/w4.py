@@ -7,8 +7,8 @@ per contiguous K-block of 16, each fed to its own MMA with the matching 16 colum
 the decode needs no other operand (block and group scales multiply the MMA results, per K-block
 for NVFP4 and per group for int4), Triton loads the words from shared memory directly into the MMA
 operand registers and decodes them there: no shared-memory round trip, no join of the eight
-outputs, and mma.sync tiles small enough for many CTAs per SM. That is what makes decode (M <= 16)
-run near the copy bandwidth; see docs/kernel-notes.md.
+outputs, and mma.sync tiles small enough for many CTAs per SM. On an H200 this took int4 decode from
+1.33x to 1.73x over bf16 (docs/benchmarks.md); docs/kernel-notes.md has the instruction counts.
 
 Large M (prefill) is bound by tensor-core throughput, where Triton cannot overlap the decode with
 wgmma well: there `dense_weight` decodes the planar words once into a bf16/fp16 weight and
