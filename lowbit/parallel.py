@@ -13,9 +13,11 @@ torchrun, joins the group torchrun describes and runs fn in this process.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import io
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -178,7 +180,9 @@ def _dumps(value) -> bytes:
     return buf.getvalue()
 
 
-def _worker(rank, world, backend, port, fn, args, queue):
+def _worker(rank, world, backend, port, fn, args, queue, timeout):
+    if timeout:  # a rank still running just before the parent gives up prints where it is
+        faulthandler.dump_traceback_later(max(1.0, timeout - 5))
     try:
         init(rank, world, backend, port)
         result = fn(*args)
@@ -191,12 +195,13 @@ def _worker(rank, world, backend, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def launch(tp: int, fn, *args, backend: str | None = None) -> list:
+def launch(tp: int, fn, *args, backend: str | None = None, timeout: float | None = None) -> list:
     """Run fn(*args) on tp ranks; returns every rank's result (rank order).
 
     Under torchrun (WORLD_SIZE set) this process is one rank: it joins the group and returns
     [its own result]. Otherwise tp processes are spawned; fn must be importable (a module-level
-    function) and its result picklable.
+    function) and its result picklable. timeout (seconds): give up on ranks that have not
+    reported by then (each prints its Python stack to stderr first).
     """
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if "WORLD_SIZE" in os.environ:
@@ -213,17 +218,23 @@ def launch(tp: int, fn, *args, backend: str | None = None) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, tp, backend, port, fn, args, queue), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, tp, backend, port, fn, args, queue, timeout), daemon=True)
              for r in range(tp)]
     for p in procs:
         p.start()
     results, errors = {}, []
+    start = time.monotonic()
     try:
         while len(results) + len(errors) < tp:
             if queue.empty():
                 if any(p.exitcode not in (None, 0) for p in procs) and queue.empty():
                     dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                     errors.append(f"rank(s) {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
+                    break
+                if timeout and time.monotonic() - start > timeout:
+                    silent = [r for r in range(tp) if r not in results]
+                    errors.append(f"rank(s) {silent} gave no result within {timeout:.0f} s (their stacks are on "
+                                  f"stderr)")
                     break
                 procs[0].join(0.05)
                 continue

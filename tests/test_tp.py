@@ -3,6 +3,7 @@ summation order of the row-parallel all-reduce differs) for bf16 and every quant
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -76,6 +77,15 @@ def test_tp_refuses_unsplittable_shapes():
         parallel.launch(2, _bad_tp, "tiny", backend="gloo")
 
 
+def _hang():
+    time.sleep(60)
+
+
+def test_launch_names_ranks_that_do_not_report():
+    with pytest.raises(lowbit.LowbitError, match=r"rank\(s\) \[0, 1\] gave no result within 8 s"):
+        parallel.launch(2, _hang, backend="gloo", timeout=8)
+
+
 def test_kv_replication_needs_whole_heads():
     with pytest.raises(ConfigError, match="does not split into 2 KV heads"):
         parallel.replicate_kv(torch.zeros(3, 8), "weight", 1, (8, 3, 3), type("C", (), {"num_kv_heads": 2}), 2,
@@ -107,7 +117,7 @@ def test_two_nccl_ranks():
     seed = random.randrange(2**31)
     ids = torch.randint(3, 32000, (2, 19))
     prompts = [torch.randint(3, 32000, (n,)).tolist() for n in (4, 21)]
-    tp2 = parallel.launch(2, _run_gpu, schemes, seed, ids, prompts, backend="nccl")
+    tp2 = parallel.launch(2, _run_gpu, schemes, seed, ids, prompts, backend="nccl", timeout=240)
     ref = _run_gpu(schemes, seed, ids, prompts)
     for s in schemes:
         assert rel_err(tp2[0][s], ref[s]) < 2e-2, s
