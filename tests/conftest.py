@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through the interpreter; the variable must be set before
+    # any module that defines a @triton.jit kernel is imported, whichever test imports it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 FIXTURES = Path(os.environ.get("LOWBIT_FIXTURES", Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures")).resolve()
 
 

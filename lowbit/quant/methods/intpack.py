@@ -76,8 +76,36 @@ class PackedIntMethod(QuantMethod):
                                    f"but the model needs {expected}; the checkpoint was packed for a different "
                                    f"shape (wrong config.json, or a truncated export)"])
 
+    def finalize(self, layer):
+        notes = super().finalize(layer)
+        if self._use_planar(layer):
+            # int4 on a GPU: repack once into the kernels' planar layout (same bytes, exact inverse);
+            # the fast decode kernel reads it with fewer instructions per weight (docs/kernel-notes.md)
+            from ... import kernels
+
+            layer.weight_packed.data = kernels.prepare_int4(layer.weight_packed.data, self.spec.local_in_features)
+            layer.weight_layout = "planar"
+        return notes
+
+    def _use_planar(self, layer) -> bool:
+        if self.bits != 4 or not self.options.use_kernels or layer.weight_packed.device.type != "cuda":
+            return False
+        try:
+            from ... import kernels
+        except ImportError:
+            return False
+        return kernels.available(layer.weight_packed.device) and kernels.int_supported(4, self.group, planar=True)
+
+    def packed_weight(self, layer) -> torch.Tensor:
+        """weight_packed in the checkpoint's layout (undoing the planar repack when there was one)."""
+        if getattr(layer, "weight_layout", None) == "planar":
+            from ... import kernels
+
+            return kernels.unprepare_int4(layer.weight_packed, self.spec.local_in_features)
+        return layer.weight_packed
+
     def dequantize(self, layer):
-        q = unpack_int32(layer.weight_packed, self.bits, self.spec.local_in_features)
+        q = unpack_int32(self.packed_weight(layer), self.bits, self.spec.local_in_features)
         zp = getattr(layer, "weight_zero_point", None)
         return dequant_int(q, layer.weight_scale, zp, self.group)
 
