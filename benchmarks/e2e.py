@@ -64,14 +64,15 @@ def markdown(results: dict, rows) -> str:
     out = [f"{first['device']}, torch {first['torch']}, Triton {first['triton']}, {first['date']}; "
            f"copy bandwidth measured {first['copy_gbps']:.0f} GB/s (read + write)", "",
            "| config | weights/step GB | prefill 512 tok/s | prefill 2048 tok/s | decode b1 tok/s (ms) | b1 share of "
-           "copy BW | decode b8 tok/s | decode b32 tok/s | generate b1 tok/s | memory / disk | peak GB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "copy BW | decode b8 tok/s | decode b32 tok/s | generate b1 tok/s | memory / disk | peak GB running "
+           "(loading) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         d, p = r["decode"], r["prefill"]
         out.append(f"| {name} | {r['weight_bytes_per_step'] / gb:.2f} | {p['512']['tok_s']:.0f} | "
                    f"{p['2048']['tok_s']:.0f} | {d['1']['tok_s']:.1f} ({d['1']['ms_per_step']:.2f}) | "
                    f"{d['1']['share_of_copy_bw']:.0%} | {d['8']['tok_s']:.0f} | {d['32']['tok_s']:.0f} | "
-                   f"{r['generate_b1_tok_s']:.1f} | {r['memory_vs_disk']:.2f} | {r.get('peak_gpu_bytes', 0) / gb:.1f} |")
+                   f"{r['generate_b1_tok_s']:.1f} | {r['memory_vs_disk']:.2f} | {r.get('peak_gpu_bytes', 0) / gb:.1f} "
+                   f"({r.get('load_peak_gpu_bytes', 0) / gb:.1f}) |")
     hf = results.get("bf16", {}).get("hf")
     if hf:
         out += ["", f"transformers {hf.get('version', '')} bf16, same shapes: decode b1 {hf['decode_b1_tok_s']:.1f} "

@@ -3,8 +3,8 @@
 Measures prefill tokens/s (batch 1, each --prompt-lens), decode tokens/s and ms/token for each
 --batches size (--new-tokens steps after a --decode-prompt-token prompt), the bytes a decode step
 reads (weights, and the KV cache at the mean context) and the bandwidth that achieves as a share of
-the device-to-device copy bandwidth measured here, peak GPU memory, and the model's memory against
-its on-disk bytes. --compare-hf times transformers in bf16 on the same shapes in the same process.
+the device-to-device copy bandwidth measured here, peak GPU memory while loading and while running,
+and the model's memory against its on-disk bytes. --compare-hf times transformers in bf16 on the same shapes in the same process.
 Prints a table, or JSON with --json. --tp N runs N tensor-parallel ranks (rank 0 reports).
 """
 from __future__ import annotations
@@ -105,6 +105,9 @@ def bench(opts: dict) -> dict:
     res["disk_bytes"] = model.report.bytes_read
     res["gpu_model_bytes"] = (_allocated() - before) if dev.type == "cuda" else model.weight_bytes()
     res["memory_vs_disk"] = res["gpu_model_bytes"] * tp / max(1, res["disk_bytes"])  # all ranks together
+    if dev.type == "cuda":  # the load's own transient (e.g. quantizing a synthetic model) is reported apart
+        res["load_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     res["prefill"] = {str(p): prefill_rate(model, p) for p in prompt_lens}
     res["decode"] = {str(b): decode_rate(model, b, opts["decode_prompt"], opts["new_tokens"], not opts["no_graphs"],
                                          res["weight_bytes_per_step"], res["copy_gbps"]) for b in batches}
@@ -286,7 +289,9 @@ def format_table(r: dict) -> str:
              f"{r['weight_bytes_per_step'] / gb:.2f} GB -> roofline {r['copy_gbps'] * gb / r['weight_bytes_per_step']:.0f} "
              f"steps/s",
              f"memory: model {r['gpu_model_bytes'] / gb:.2f} GB{' per rank' if r['tp'] > 1 else ''}; all ranks "
-             f"{r['memory_vs_disk']:.2f}x its {r['disk_bytes'] / gb:.2f} GB on disk" + (f"; peak {r['peak_gpu_bytes'] / gb:.2f} GB" if "peak_gpu_bytes" in r else ""),
+             f"{r['memory_vs_disk']:.2f}x its {r['disk_bytes'] / gb:.2f} GB on disk" + (
+                 f"; peak {r['peak_gpu_bytes'] / gb:.2f} GB running, {r['load_peak_gpu_bytes'] / gb:.2f} GB loading"
+                 if "peak_gpu_bytes" in r else ""),
              "", f"{'prefill tokens':>14} {'tok/s':>10} {'ms':>9}"]
     lines += [f"{p:>14} {v['tok_s']:>10.0f} {v['ms']:>9.2f}" for p, v in r["prefill"].items()]
     lines += ["", f"{'decode batch':>14} {'tok/s':>10} {'ms/step':>9} {'GB/s':>8} {'of copy BW':>10} {'graphs':>6}"]
