@@ -7,7 +7,8 @@ that. Each op here is one Triton kernel on CUDA (graph-capturable: no host syncs
 the device) and a plain-PyTorch reference elsewhere. The kernels round every intermediate to the
 activation dtype where eager PyTorch does, so both paths compute the same function.
 
-`TRITON_INTERPRET=1` runs the kernels on CPU tensors (the tests use it).
+CPU tensors take the references; with `TRITON_INTERPRET=1` (set before triton loads) and
+`interpret_on_cpu = True` the kernels run on them in Triton's interpreter (the ops tests do this).
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpret_on_cpu = False  # tests only: run the kernels on CPU tensors (needs INTERPRET)
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or INTERPRET)
+    return triton is not None and (x.is_cuda or (INTERPRET and interpret_on_cpu))
 
 
 def _pow2(n: int) -> int:

@@ -1,21 +1,17 @@
 """The fused decoder ops (lowbit/ops.py): Triton kernels against their PyTorch references.
 
-On CPU the kernels run in Triton's interpreter, in a subprocess (TRITON_INTERPRET must be set
-before triton compiles anything). The interpreter has no bf16 matmul and rounds FP8 wrongly at
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET before
+triton loads when there is no GPU). The interpreter has no bf16 matmul and rounds FP8 wrongly at
 exponent boundaries, so there fp16/fp32 are checked and bf16/FP8 are checked on a GPU. Compiled
 for a GPU, the rotary kernel is 1 ulp off eager PyTorch on a rare element (seen on an H200).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from conftest import requires_cuda
+from lowbit import ops
 
 triton = pytest.importorskip("triton")
 
@@ -24,7 +20,7 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def without_triton(ops, fn, *args):
+def without_triton(fn, *args):
     """Run an op through its reference path."""
     real = ops.use_triton
     ops.use_triton = lambda x: False
@@ -35,26 +31,24 @@ def without_triton(ops, fn, *args):
 
 
 def check_ops(device: str, dtypes, exact_fp8: bool) -> None:
-    from lowbit import ops
-
     for dt in dtypes:
         x = torch.randn(7, 1000, dtype=dt, device=device)
         r = torch.randn(7, 1000, dtype=dt, device=device)
         w = (1 + 0.1 * torch.randn(1000, device=device)).to(dt)
         a, ra = ops.rms_norm(x, w, 1e-5, r)
-        b, rb = without_triton(ops, ops.rms_norm, x, w, 1e-5, r)
+        b, rb = without_triton(ops.rms_norm, x, w, 1e-5, r)
         tol = 1e-6 if dt == torch.float32 else 1e-3  # sum order of the statistics: rare 1-ulp flips
         assert torch.equal(ra, rb) and rel_err(a, b) < tol
-        assert rel_err(ops.rms_norm(x, w, 1e-5)[0], without_triton(ops, ops.rms_norm, x, w, 1e-5)[0]) < tol
+        assert rel_err(ops.rms_norm(x, w, 1e-5)[0], without_triton(ops.rms_norm, x, w, 1e-5)[0]) < tol
         y = torch.randn(3, 2 * 1500, dtype=dt, device=device)
         # exp differs in the last fp32 bit between libraries: a rare 1-ulp flip after rounding
         assert rel_err(ops.silu_mul(y), ops.silu_mul_ref(y)) < (1e-6 if dt == torch.float32 else 1e-3)
         for d, rot in ((64, 64), (96, 48)):  # full and partial rotary
-            _check_rope(ops, dt, device, d, rot, exact_fp8)
-            _check_decode_attention(ops, dt, device, d)
+            _check_rope(dt, device, d, rot, exact_fp8)
+            _check_decode_attention(dt, device, d)
 
 
-def _check_rope(ops, dt, device, d, rot, exact_fp8):
+def _check_rope(dt, device, d, rot, exact_fp8):
     b, t, h, hkv = 2, 3, 4, 2
     qkv = torch.randn(b, t, (h + 2 * hkv) * d, dtype=dt, device=device)
     q, k, v = qkv.split([h * d, hkv * d, hkv * d], -1)
@@ -69,7 +63,7 @@ def _check_rope(ops, dt, device, d, rot, exact_fp8):
         caches += [c.clone() for c in caches]
         scales = (torch.tensor(0.05, device=device), torch.tensor(0.03, device=device)) if fp8 else (None, None)
         qa, ka = ops.rope_and_store(q, k, v, cos, sin, caches[0], caches[1], slots, pos, *scales)
-        qb, kb = without_triton(ops, ops.rope_and_store, q, k, v, cos, sin, caches[2], caches[3], slots, pos, *scales)
+        qb, kb = without_triton(ops.rope_and_store, q, k, v, cos, sin, caches[2], caches[3], slots, pos, *scales)
         # the interpreter matches eager bit for bit; compiled for a GPU, a rare element is 1 ulp off
         ulp = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dt]
         close = lambda a, b, rtol: torch.allclose(a.float(), b.float(), rtol=rtol, atol=1e-6)  # noqa: E731
@@ -78,7 +72,7 @@ def _check_rope(ops, dt, device, d, rot, exact_fp8):
             assert close(caches[0], caches[2], 2**-3 if fp8 else ulp) and close(caches[1], caches[3], 2**-3 if fp8 else ulp)
 
 
-def _check_decode_attention(ops, dt, device, d):
+def _check_decode_attention(dt, device, d):
     s, length, h, hkv = 5, 150, 8, 2
     for fp8 in (False, True):
         kc, vc = torch.randn(s, length, hkv, d, device=device), torch.randn(s, length, hkv, d, device=device)
@@ -95,12 +89,10 @@ def _check_decode_attention(ops, dt, device, d):
         assert rel_err(a, b) < (1e-5 if dt == torch.float32 else 1e-2), (dt, d, fp8)
 
 
-def test_triton_ops_in_the_interpreter():
-    code = ("import sys, torch; sys.path.insert(0, %r); import test_engine_ops as t; "
-            "t.check_ops('cpu', (torch.float16, torch.float32), exact_fp8=False)" % str(Path(__file__).parent))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+@pytest.mark.skipif(not ops.INTERPRET, reason="needs TRITON_INTERPRET=1 before triton loads")
+def test_triton_ops_in_the_interpreter(monkeypatch):
+    monkeypatch.setattr(ops, "interpret_on_cpu", True)
+    check_ops("cpu", (torch.float16, torch.float32), exact_fp8=False)
 
 
 @requires_cuda
