@@ -31,9 +31,6 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
 
 @dataclass
 class CacheBatch:
