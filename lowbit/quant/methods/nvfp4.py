@@ -67,10 +67,33 @@ class NVFP4Method(QuantMethod):
         notes = super().finalize(layer)
         if self.scheme.activation == "nvfp4" and self.options.activation_quant == "auto":
             notes.append(WEIGHT_ONLY_NOTE)
+        if self._use_planar(layer):
+            # on a GPU: repack once into the kernels' planar layout (same bytes, exact inverse); on an
+            # H200 it decodes faster at M <= 16 and M >= 1024 (docs/benchmarks.md, nvfp4 vs nvfp4_ckpt)
+            from ... import kernels
+
+            layer.weight_packed.data = kernels.prepare_nvfp4(layer.weight_packed.data)
         return notes
 
+    def _use_planar(self, layer) -> bool:
+        if not self.options.use_kernels or layer.weight_packed.device.type != "cuda" or self.quantize_activations():
+            return False
+        try:
+            from ... import kernels
+        except ImportError:
+            return False
+        return kernels.available(layer.weight_packed.device)
+
+    def packed_weight(self, layer) -> torch.Tensor:
+        """weight_packed in the checkpoint's layout (the planar repack is int32)."""
+        if layer.weight_packed.dtype == torch.int32:
+            from ... import kernels
+
+            return kernels.unprepare_nvfp4(layer.weight_packed, self.spec.local_in_features)
+        return layer.weight_packed
+
     def dequantize(self, layer):
-        return dequant_nvfp4(layer.weight_packed, layer.weight_scale, layer.row_scale)
+        return dequant_nvfp4(self.packed_weight(layer), layer.weight_scale, layer.row_scale)
 
     def reference_forward(self, layer, x):
         if self.quantize_activations():
