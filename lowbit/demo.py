@@ -99,6 +99,9 @@ def build_base_model(out: Path, seed: int = 0):
         for layer in model.model.layers:  # keep the residual stream close to the token's embedding
             layer.self_attn.o_proj.weight.mul_(0.5)
             layer.mlp.down_proj.weight.mul_(0.5)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo prints its own table; no "Writing model shards" bar
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return tok
 
