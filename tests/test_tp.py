@@ -24,6 +24,17 @@ FIXTURE_CASES = ["base-llama-bf16", "base-phi3-bf16", "modelopt-fp8-kvfp8", "mod
 # each rank's slice of K, as vLLM does, instead of the whole row: the activation rounding differs
 # from tp=1 (spec section 8 measures ~5% for such rounding changes), so these are compared loosely.
 PER_TOKEN_ACTIVATIONS = ("llmcompressor-fp8_dynamic", "llmcompressor-w8a8")
+# Static FP8 activation / KV-cache quantization: the all-reduce sums partial products in another
+# order, so an fp32 value ~1e-7 away can land on the other side of an E4M3 rounding boundary; one
+# such element moves the logits by ~1e-5..1e-4 relative (seen: 3.8e-5 on modelopt-fp8-kvfp8).
+# A sharding bug (a wrong scale or row slice) gives 1e-2 or more.
+STATIC_FP8 = ("modelopt-fp8", "modelopt-mixed")
+
+
+def tp_bound(name: str) -> float:
+    if name.startswith(PER_TOKEN_ACTIVATIONS):
+        return 0.1
+    return 1e-3 if name.startswith(STATIC_FP8) else 1e-5
 
 
 def _model(case, seed):
@@ -64,8 +75,7 @@ def test_two_gloo_ranks_equal_tp1(cases):
     ref = _run(cases, seed, ids, prompt)
     assert tp2[0]["greedy"] == ref["greedy"]
     for i, case in enumerate(cases):
-        bound = 0.1 if case[1].startswith(PER_TOKEN_ACTIVATIONS) else 1e-5
-        assert rel_err(tp2[0][i], ref[i]) < bound, case
+        assert rel_err(tp2[0][i], ref[i]) < tp_bound(case[1]), case
 
 
 def _bad_tp(name):
