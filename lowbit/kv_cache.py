@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import dequantize_kv, quantize_kv
+from .quant.numerics import fake_quant_fp8_activation
 
 
 def fake_quant_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """What an FP8 cache does to keys/values (used where attention reads fresh k/v, not the cache)."""
-    return dequantize_kv(quantize_kv(x, scale), scale, x.dtype)
+    return fake_quant_fp8_activation(x, scale)
 
 
 class KVCache:

@@ -16,7 +16,7 @@ from . import parallel
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .models import model_class
-from .quant.formats import check_tensor
+from .quant.formats import check_tensor, mismatches
 from .quant.base import LinearGroup, LinearSpec, QLinear, RunOptions, TensorSpec
 from .quant.methods import method_class
 from .quant.resolve import LayerPlan, QuantPlan
@@ -84,11 +84,6 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
     return groups, targets
 
 
-def _check(name: str, t_dtype: str, t_shape: tuple, spec: TensorSpec, where: str) -> str | None:
-    bad = check_tensor(spec, t_dtype, t_shape)
-    return f"{name} ({where}): {bad}" if bad else None
-
-
 def build_model(plan: QuantPlan, device, dtype, options: RunOptions, tp_rank: int = 0, tp_size: int = 1):
     """The model with poisoned parameters: (model, linears, on-disk module -> Target, plain parameters)."""
     parallel.check(plan.model, tp_size)
@@ -127,25 +122,16 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
     written: set[tuple] = set()
     jobs: list[tuple[str, callable]] = []  # (on-disk name, writer)
 
-    # projections: every role of every on-disk module
+    # projections: every role of every on-disk module, checked against the scheme's on-disk table
     for mod_name, target in targets.items():
-        expected = target.layer.method.disk_tensors(target.disk_rows, target.layer.spec.in_features)
-        for role, tname in target.plan.tensors.items():
-            tspec = expected.get(role)
-            info = ckpt.tensors[tname]
-            if tspec is None:
-                violations.append(f"{tname}: unexpected tensor for {mod_name} "
-                                  f"({target.layer.method.scheme.label()} expects {', '.join(sorted(expected))})")
-                continue
-            bad = _check(tname, info.dtype, info.shape, tspec, f"{mod_name}, {target.layer.method.scheme.label()}")
-            if bad:
-                violations.append(bad)
-                continue
-            jobs.append((tname, lambda t, tg=target, r=role: tg.write(r, t, cfg)))
-        for role, tspec in expected.items():
-            if not tspec.optional and role not in target.plan.tensors:
-                violations.append(f"{mod_name}.{role}: missing ({target.layer.method.scheme.label()} needs "
-                                  f"{tspec.dtype} {list(tspec.shape) if tspec.shape else '[]'})")
+        method = target.layer.method
+        expected = method.disk_tensors(target.disk_rows, target.layer.spec.in_features)
+        infos = {role: ckpt.tensors[name] for role, name in target.plan.tensors.items()}
+        issues = mismatches(mod_name, expected, infos)
+        violations += [f"{mod_name} ({method.scheme.label()}): {issue}" for issue in issues]
+        if not issues:
+            jobs += [(name, lambda t, tg=target, r=role: tg.write(r, t, cfg))
+                     for role, name in target.plan.tensors.items()]
 
     for mod_name in plan.layers:
         if mod_name not in targets:
@@ -160,9 +146,9 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             continue
         written.add(canon)
         want_shape = disk_param_shape(canon, p, tp_size)
-        bad = _check(tname, info.dtype, info.shape, TensorSpec("float", want_shape), canon)
+        bad = check_tensor(TensorSpec("float", want_shape), info.dtype, info.shape)
         if bad:
-            violations.append(bad)
+            violations.append(f"{tname} ({canon}): {bad}")
             continue
         jobs.append((tname, lambda t, p=p, c=canon: write_param(p, t, c, tp_rank, tp_size)))
     for canon in plain:

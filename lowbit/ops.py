@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.rope import apply_rotary
-from .quant.numerics import FP8_MAX
+from .quant.numerics import quantize_fp8
 
 try:
     import triton
@@ -55,8 +55,8 @@ def silu_mul_ref(x):
 
 
 def quantize_kv(x, scale):
-    """What an FP8 cache stores: x / scale saturated to E4M3."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    """What an FP8 cache stores: x / scale saturated to E4M3 (the FP8 encoding of numerics)."""
+    return quantize_fp8(x, scale)
 
 
 def dequantize_kv(x, scale, dtype):
