@@ -17,6 +17,7 @@ import faulthandler
 import io
 import os
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -191,6 +192,13 @@ def _worker(rank, world, backend, port, fn, args, queue, timeout):
         msg = str(e) if isinstance(e, LowbitError) else traceback.format_exc()
         queue.put((rank, False, msg))
     finally:
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            # CUDA graphs that captured NCCL collectives keep the communicator referenced, and
+            # destroy_process_group then waits forever (seen on 2xH200). The result is already in
+            # the parent's hands: leave without tearing NCCL down.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -248,7 +256,10 @@ def launch(tp: int, fn, *args, backend: str | None = None, timeout: float | None
         for p in procs:
             if errors:
                 p.terminate()
-            p.join()
+            p.join(timeout=30)
+            if p.is_alive():  # a rank stuck past its report must not hang the caller
+                p.kill()
+                p.join()
     if errors:
         raise LowbitError(f"tensor-parallel run failed: {errors[0]}")
     return [results[r] for r in range(tp)]
