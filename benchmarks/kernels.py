@@ -238,8 +238,9 @@ def print_summary(s: dict) -> None:
             print(f"  {kn:14} " + " ".join(f"{sh}:{v:.2f}" for sh, v in s["m1_bw_frac"][kn].items()))
 
 
-SWEEP_TILES = {  # planar kernel candidates per M bucket: (bm, bn, warps, stages)
-    "small": [(16, 64, 2, 4), (16, 32, 1, 4), (16, 64, 4, 4), (16, 128, 4, 4), (16, 64, 2, 3), (16, 128, 2, 4)],
+SWEEP_TILES = {  # planar kernel candidates per M bucket: (bm, bn, warps, stages[, maxnreg])
+    "small": [(16, 64, 2, 4), (16, 64, 2, 3, 96), (16, 64, 2, 3, 80), (16, 64, 2, 2, 96), (16, 32, 1, 3, 96),
+              (16, 128, 2, 4), (16, 128, 2, 3, 168)],
     "mid": [(32, 64, 2, 4), (32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 2, 4), (64, 128, 4, 3)],
 }
 
@@ -258,12 +259,12 @@ def sweep(shapes: list[str], ms: list[int], json_path: str | None) -> None:
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             t_bf16 = bench(lambda: torch.matmul(x, w.bf16.t()))
-            for bm, bn, warps, stages in SWEEP_TILES["small" if m <= 16 else "mid"]:
+            for bm, bn, warps, stages, *cap in SWEEP_TILES["small" if m <= 16 else "mid"]:
                 if bm > max(16, m):
                     continue
                 auto = W4.pick_tiles(m, n, k, x.device).split * bn // 64 or 1
                 for split in sorted({max(1, auto // 2), auto, min(16, 2 * auto)}):
-                    t = G.Tiles(bm, bn, W4.CHUNK, split, warps, stages)
+                    t = G.Tiles(bm, bn, W4.CHUNK, split, warps, stages, *cap)
                     for fmt, fn in fmts.items():
                         results.append(_sweep_one(shape, m, fmt, str(t), t_bf16, lambda: fn(x, tiles=t, dense_min_m=1 << 30)))
             for fmt, fn in fmts.items():

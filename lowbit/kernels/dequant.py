@@ -159,26 +159,53 @@ _INT4_PAIR = """
     sub.rn.{ty} ${out}, t, {off};{scale}"""
 
 
-def _int4_asm_text(bf16: bool, scaled: bool, unary: bool = False) -> str:
-    """unary: no offset/scale operands, the offset is the storage offset 8 alone (q = code - 8)."""
+def _int4_asm_text(bf16: bool, scaled: bool) -> str:
     body = []
     ty = "bf16x2" if bf16 else "f16x2"
     for j in range(8):
         e = j // 2
         body.append(_INT4_PAIR.format(
             sel=hex(e | ((4 + e) << 8)), shift="shr.b32 t, t, 4;" if j % 2 else "",
-            magic="0x43004300" if bf16 else "0x64006400", ty=ty, out=j, off="c" if unary else "$10",
+            magic="0x43004300" if bf16 else "0x64006400", ty=ty, out=j, off="$10",
             scale=f"\n    mul.rn.{ty} ${j}, ${j}, $11;" if scaled else ""))
-    head = f"\n    mov.b32 c, {'0x43084308' if bf16 else '0x64086408'};" if unary else ""  # 136 / 1032
-    return "{\n    .reg .b32 t, c;" + head + "".join(body) + "\n}"
+    return "{\n    .reg .b32 t;" + "".join(body) + "\n}"
+
+
+# Planar int4 (w4.py pairs the lanes): $8 holds blocks 0-3 of an element pair, $9 blocks 4-7, block j
+# of both elements in the two 16-bit lanes at bits 4(j % 4). bf16: shift the nibble to bit 0, one
+# LOP3 ((t & mask) | 128.0) and one subtraction of 136 give q = code - 8. fp16 has mantissa room
+# for the odd nibbles in place (1024 + 16 c): a fused multiply-add by 1/16 and -72 replaces the shift.
+def _q4_pair_asm_text(bf16: bool) -> str:
+    body = ["{\n    .reg .b32 t, u, c, d, e;",
+            f"    mov.b32 c, {'0x43084308' if bf16 else '0x64086408'};",  # 136 / 1032
+            "    mov.b32 d, 0x2C002C00;\n    mov.b32 e, 0xD480D480;"]  # 1/16, -72 (fp16)
+    for j in range(8):
+        src, pos = ("$8", "$9")[j // 4], j % 4
+        if bf16:
+            shifted = src if pos == 0 else "u"
+            if pos:
+                body.append(f"    shr.b32 u, {src}, {4 * pos};")
+            body.append(f"    lop3.b32 t, {shifted}, 0x000F000F, 0x43004300, 0xEA;")
+            body.append(f"    sub.rn.bf16x2 ${j}, t, c;")
+        else:
+            if pos == 2:
+                body.append(f"    shr.b32 u, {src}, 8;")
+            shifted = src if pos < 2 else "u"
+            if pos % 2 == 0:
+                body.append(f"    lop3.b32 t, {shifted}, 0x000F000F, 0x64006400, 0xEA;")
+                body.append(f"    sub.rn.f16x2 ${j}, t, c;")
+            else:
+                body.append(f"    lop3.b32 t, {shifted}, 0x00F000F0, 0x64006400, 0xEA;")
+                body.append(f"    fma.rn.f16x2 ${j}, t, d, e;")
+    return "\n".join(body) + "\n}"
 
 
 _INT4_ASM_BF16_S = tl.constexpr(_int4_asm_text(True, True))
 _INT4_ASM_BF16 = tl.constexpr(_int4_asm_text(True, False))
 _INT4_ASM_FP16_S = tl.constexpr(_int4_asm_text(False, True))
 _INT4_ASM_FP16 = tl.constexpr(_int4_asm_text(False, False))
-_Q4_ASM_BF16 = tl.constexpr(_int4_asm_text(True, False, unary=True))
-_Q4_ASM_FP16 = tl.constexpr(_int4_asm_text(False, False, unary=True))
+_Q4_ASM_BF16 = tl.constexpr(_q4_pair_asm_text(True))
+_Q4_ASM_FP16 = tl.constexpr(_q4_pair_asm_text(False))
 
 
 @triton.jit
@@ -261,11 +288,14 @@ def _planar_asm(units, ASM: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _planar_code(units, j: tl.constexpr, NVFP4: tl.constexpr, DT: tl.constexpr):
-    c = (units >> (4 * j)) & 0xF
+    """Nibble j (K-block j) of every element of a planar word tile [R, W], as its value in DT."""
     if NVFP4:
-        v = (_e2m1_f32(c) * 16384.0).to(DT)
-    else:
-        v = (c - 8).to(tl.float32).to(DT)
+        v = (_e2m1_f32((units >> (4 * j)) & 0xF) * 16384.0).to(DT)
+    else:  # paired lanes: element 2p's block j in word 2p + j // 4, at bit 4 (j % 4); 2p+1's 16 bits up
+        lo, hi = tl.split(tl.reshape(units, (units.shape[0], units.shape[1] // 2, 2)))
+        src = hi if j >= 4 else lo
+        pair = tl.join((src >> (4 * (j % 4))) & 0xF, (src >> (16 + 4 * (j % 4))) & 0xF)
+        v = (tl.reshape(pair, units.shape) - 8).to(tl.float32).to(DT)
     return v
 
 

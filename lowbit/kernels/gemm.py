@@ -186,6 +186,7 @@ class Tiles:
     split: int = 1
     warps: int = 4
     stages: int = 3
+    maxnreg: int | None = None  # register cap per thread (more CTAs per SM), compiled kernels only
 
 
 def interpreting() -> bool:
