@@ -1,12 +1,15 @@
 """Generation on the engine (lowbit/engine.py): each prompt is prefilled into its own KV-cache
-slot, then all running sequences decode together, one token per step. Sequences leave the batch
-when they finish (EOS, a stop string or max_new_tokens), so a batch of unequal prompts gives the
-same tokens as running each alone.
+slot, then all running sequences decode together, one token per step. Sequences join when a slot
+is free and leave the batch when they finish (EOS, a stop string or max_new_tokens), so a batch of
+unequal prompts gives the same tokens as running each alone. `Scheduler` is that loop; `generate`
+and `stream` run it over a fixed list of prompts, the server (lowbit/serve/) over requests that
+come and go.
 
 The host never waits for the step it just launched: step t+1 is launched before the tokens of
 step t are read, so detokenizing, stop strings and streaming overlap the GPU. A sequence found
 finished at step t has already been given step t+1, whose token is dropped.
 """
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -31,41 +34,154 @@ class StreamEvent:
     finish_reason: str | None  # set on the last event of a prompt
 
 
-@dataclass
-class _Seq:
-    index: int
-    prompt: list[int]
-    slot: int = -1
-    out: list[int] = field(default_factory=list)
-    text: str = ""
-    finish: str | None = None
-    pending: int = 0  # tokens launched on the device, not yet read back
+class Detokenizer:
+    """Incremental detokenization and stop strings for one sequence.
 
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.out)
-
-
-class _TextTracker:
-    """Incremental detokenization and stop-string detection for one sequence."""
+    Each token decodes only a short window (the text of the tokens since the last emitted piece,
+    minus the text of the window's start), so the cost per token does not grow with the output.
+    Text that may be the start of a stop string, or an incomplete multi-byte character, is held
+    back until the next tokens settle it: the pieces always concatenate to the final text."""
 
     def __init__(self, model, stop: list[str]):
-        self.model, self.stop = model, stop
+        self.model, self.stop = model, [s for s in stop if s]
+        self.text = ""  # emitted so far
+        self._held = ""
+        self._start = self._read = 0  # window: ids[_start:] decoded, ids[_start:_read] already emitted
 
-    def update(self, seq: _Seq) -> tuple[str, bool]:
-        full = self.model.decode(seq.out)
-        hit = None
-        for s in self.stop:
-            i = full.find(s)
-            if i >= 0 and (hit is None or i < hit):
-                hit = i
-        if hit is not None:
-            full = full[:hit]
-        if hit is None and full.endswith("\ufffd"):
-            return "", False  # an incomplete multi-byte character: wait for the next token
-        delta = full[len(seq.text):] if full.startswith(seq.text) else full
-        seq.text = full
-        return delta, hit is not None
+    def update(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        """The new text after ids[-1] (all of it if `final`), and whether a stop string was hit."""
+        done = self.model.decode(ids[self._start:self._read])
+        window = self.model.decode(ids[self._start:])
+        new = ""
+        if final or (len(window) > len(done) and not window.endswith("\ufffd")):
+            new = window[len(done):]
+            self._start, self._read = self._read, len(ids)
+        text = self._held + new  # a stop string can only start in the held-back part or later
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            text, self._held = text[:min(hits)], ""
+        elif final:
+            self._held = ""
+        else:
+            keep = max((k for s in self.stop for k in range(1, min(len(s), len(text) + 1))
+                        if text.endswith(s[:k])), default=0)
+            text, self._held = text[:len(text) - keep], text[len(text) - keep:]
+        self.text += text
+        return text, bool(hits)
+
+
+@dataclass
+class Sequence:
+    """One prompt's generation: its settings, its output, and its place in the engine."""
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    eos: set[int]
+    detokenizer: Detokenizer | None = None  # None: token ids only
+    generator: torch.Generator | None = None
+    slot: int = -1
+    out: list[int] = field(default_factory=list)
+    finish: str | None = None  # "eos" | "stop" | "length" | "cancelled"
+    pending: int = 0  # tokens launched on the device, not yet read back
+
+    def emit(self, tok: int) -> StreamEvent:
+        self.out.append(tok)
+        if tok in self.eos:
+            self.finish = "eos"
+        elif len(self.out) >= self.max_new_tokens:
+            self.finish = "length"
+        delta, stopped = self.detokenizer.update(self.out, self.finish is not None) if self.detokenizer else ("", False)
+        if stopped:
+            self.finish = "stop"
+        return StreamEvent(self.index, tok, delta, self.finish)
+
+
+class Scheduler:
+    """Continuous batching on one engine: `add` sequences at any time; each `step` admits waiting
+    ones into free slots (prefill), launches the next decode step of every running one, and returns
+    the events of the tokens read back. Finished and cancelled sequences free their slot as soon as
+    none of their tokens is still in flight."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # holding a slot
+        self._inflight = []  # (sequences, Tokens) in launch order
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        if seq.finish is None:
+            seq.finish = "cancelled"
+
+    def step(self) -> list[StreamEvent]:
+        engine = self.engine
+        while self.waiting and engine.free_slots:
+            s = self.waiting.popleft()
+            if s.finish is None:  # else cancelled while waiting
+                s.slot, s.pending = engine.acquire(), 1
+                self.running.append(s)
+                self._inflight.append(([s], engine.prefill(s.slot, s.prompt, s.params, s.generator)))
+        # launch the next step first; sequences known to reach max_new_tokens are left out
+        step = [s for s in self.running if s.finish is None and len(s.out) + s.pending < s.max_new_tokens]
+        launched = []
+        for group in _sampling_groups(step):
+            for s in group:
+                s.pending += 1
+            launched.append((group, engine.decode([s.slot for s in group], group[0].params, group[0].generator)))
+        events = []
+        for batch, toks in self._inflight:
+            for s, tok in zip(batch, toks.get()):
+                s.pending -= 1
+                if s.finish is None:
+                    events.append(s.emit(tok))
+        self._inflight = launched
+        for s in [s for s in self.running if s.finish is not None and s.pending == 0]:
+            self._release(s)
+        return events
+
+    def close(self) -> None:
+        """Free every slot (when the caller stops early); tokens still in flight are dropped."""
+        self._inflight = []
+        for s in list(self.running):
+            self._release(s)
+        self.waiting.clear()
+
+    def _release(self, s: Sequence) -> None:
+        self.engine.release(s.slot)
+        s.slot = -1
+        self.running.remove(s)
+
+
+def _sampling_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Sequences that sample alike share one decode step: all greedy ones, and sampled ones with the
+    same settings and generator. A sequence with its own generator (a seed) steps alone, so its
+    draws do not depend on what else runs."""
+    groups: dict = {}
+    for s in seqs:
+        p = s.params
+        key = None if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, id(s.generator))
+        groups.setdefault(key, []).append(s)
+    return list(groups.values())
+
+
+def sampling_generator(device, seed: int | None) -> torch.Generator:
+    """A generator seeded with `seed`, else randomly (the same seed on every tensor-parallel rank)."""
+    if seed is None:  # every tensor-parallel rank must draw the same tokens
+        seed = int(torch.randint(0, 2**62, ()))
+        if parallel.current()[1] > 1:
+            t = torch.tensor([seed], device=device)
+            torch.distributed.broadcast(t, 0)
+            seed = int(t)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
 
 
 class GenerationRun:
@@ -83,76 +199,30 @@ class GenerationRun:
         if not ids or any(len(p) == 0 for p in ids):
             raise ValueError("every prompt needs at least one token")
         has_text = any(isinstance(p, str) for p in prompts) or bool(stop)
-        self.tracker = _TextTracker(model, list(stop or [])) if has_text else None
-        self.eos = set() if ignore_eos else set(model.eos_token_ids)
-        self.seqs = [_Seq(i, p) for i, p in enumerate(ids)]
+        eos = set() if ignore_eos else set(model.eos_token_ids)
+        self.seqs = [Sequence(i, p, self.params, max_new_tokens, eos,
+                              Detokenizer(model, list(stop or [])) if has_text else None)
+                     for i, p in enumerate(ids)]
         self.results: list[GenerationResult] | None = None
 
-    def _emit(self, seq: _Seq, tok: int) -> StreamEvent:
-        seq.out.append(tok)
-        delta, stopped = self.tracker.update(seq) if self.tracker else ("", False)
-        if stopped:
-            seq.finish = "stop"
-        elif tok in self.eos:
-            seq.finish = "eos"
-        elif len(seq.out) >= self.max_new_tokens:
-            seq.finish = "length"
-        return StreamEvent(seq.index, tok, delta, seq.finish)
-
-    def _generator(self):
-        if self.params.temperature == 0:
-            return None
-        seed = self.params.seed
-        if seed is None:  # every tensor-parallel rank must draw the same tokens
-            seed = int(torch.randint(0, 2**62, ()))
-            if parallel.current()[1] > 1:
-                t = torch.tensor([seed], device=self.model.device)
-                torch.distributed.broadcast(t, 0)
-                seed = int(t)
-        gen = torch.Generator(device=self.model.device)
-        gen.manual_seed(seed)
-        return gen
-
     def __iter__(self):
-        seqs, params = self.seqs, self.params
-        if self.max_new_tokens <= 0:
-            for s in seqs:
-                s.finish = "length"
-            live = []
-        else:
-            live = seqs
-        gen = self._generator()
+        seqs = self.seqs
+        gen = None if self.params.temperature == 0 else sampling_generator(self.model.device, self.params.seed)
         engine = self.model.engine(len(seqs), max(len(s.prompt) for s in seqs) + max(self.max_new_tokens, 1))
-        inflight = []  # (sequences, Tokens) in launch order
-        for s in live:
-            s.slot = engine.acquire()
-            s.pending = 1
-            inflight.append(([s], engine.prefill(s.slot, s.prompt, params, gen)))
+        scheduler = Scheduler(engine)
+        for s in seqs:
+            s.generator = gen
+            if self.max_new_tokens > 0:
+                scheduler.add(s)
+            else:
+                s.finish = "length"
         try:
-            while inflight:
-                # launch the next step first; sequences known to reach max_new_tokens are left out
-                step = [s for s in seqs if s.slot >= 0 and s.finish is None
-                        and len(s.out) + s.pending < self.max_new_tokens]
-                if step:
-                    for s in step:
-                        s.pending += 1
-                    launched = (step, engine.decode([s.slot for s in step], params, gen))
-                for batch, toks in inflight:
-                    for s, tok in zip(batch, toks.get()):
-                        s.pending -= 1
-                        if s.finish is None:
-                            yield self._emit(s, tok)
-                        if s.finish is not None and s.pending == 0 and s.slot >= 0:
-                            engine.release(s.slot)
-                            s.slot = -1
-                inflight = [launched] if step else []
+            while scheduler.busy:
+                yield from scheduler.step()
         finally:
-            for s in seqs:  # also when the caller stops iterating early
-                if s.slot >= 0:
-                    engine.release(s.slot)
-                    s.slot = -1
-        self.results = [GenerationResult(s.prompt, s.out, s.text if self.tracker else None, s.finish or "length")
-                        for s in seqs]
+            scheduler.close()  # also when the caller stops iterating early
+        self.results = [GenerationResult(s.prompt, s.out, s.detokenizer.text if s.detokenizer else None,
+                                         s.finish or "length") for s in seqs]
 
 
 def stream(model, prompts, **kwargs) -> GenerationRun:

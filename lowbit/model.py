@@ -56,16 +56,19 @@ class Model:
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
-        tok = self.tokenizer
         if chat:
-            if not getattr(tok, "chat_template", None):
-                raise LowbitError(f"{self.path}: the tokenizer has no chat template; drop --chat")
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
-        return tok(prompt)["input_ids"]
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer(prompt)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation through the tokenizer's chat template, ready for the assistant's reply."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise LowbitError(f"{self.path}: the tokenizer has no chat template; drop --chat")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
