@@ -64,7 +64,8 @@ class Model:
         """A conversation through the tokenizer's chat template, ready for the assistant's reply."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
-            raise LowbitError(f"{self.path}: the tokenizer has no chat template; drop --chat")
+            raise LowbitError(f"{self.path}: the tokenizer has no chat template; send plain prompts (no --chat, "
+                              f"/v1/completions)")
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]

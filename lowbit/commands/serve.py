@@ -1,0 +1,73 @@
+"""`lowbit serve PATH | --synthetic NAME --scheme S`: an OpenAI-compatible HTTP server (lowbit/serve/)."""
+from __future__ import annotations
+
+import socket
+import sys
+
+from .generate import add_load_options, load_from_args
+
+
+def register(sub):
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    p.add_argument("path", nargs="?", help="checkpoint directory (or use --synthetic)")
+    p.add_argument("--synthetic", metavar="NAME", help="random-weight model without a tokenizer (token-id prompts "
+                                                        "only): llama-3-8b, qwen3-8b, small, tiny")
+    p.add_argument("--scheme", default="bf16", help="with --synthetic: bf16, fp8, nvfp4, int4-g128, ...")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model id clients ask for (default: the directory's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: requests generated at once")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="positions per slot, prompt plus completion (default: the model's, at most 4096)")
+    add_load_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import LowbitError
+
+    if bool(args.path) == bool(args.synthetic):
+        raise LowbitError("give a checkpoint PATH or --synthetic NAME (one of them)")
+    if args.max_batch < 1 or (args.max_len is not None and args.max_len < 2):
+        raise LowbitError("--max-batch must be >= 1 and --max-len >= 2")
+    try:
+        import uvicorn
+
+        from ..serve import create_app
+    except ImportError as e:
+        raise LowbitError(f"lowbit serve needs fastapi and uvicorn ({e}): pip install 'lowbit[serve]'") from None
+    with _listen(args.host, args.port) as sock:  # before loading: a taken port fails at once, not after the load
+        model = _load(args)
+        app = create_app(model, args.served_model_name or (None if args.path else args.synthetic), args.max_batch,
+                         args.max_len)
+        service = app.state.service
+        print(f"lowbit serve: '{service.name}' on http://{args.host}:{sock.getsockname()[1]}/v1 "
+              f"({args.max_batch} slots of {service.max_len} positions)", file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    from ..errors import LowbitError
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise LowbitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _load(args):
+    if not args.synthetic:
+        return load_from_args(args)
+    import torch
+
+    from .. import synthetic
+    from ..config import parse_dtype
+
+    return synthetic.build(args.synthetic, args.scheme, device=args.device,
+                           dtype=parse_dtype(args.dtype) or torch.bfloat16, activation_quant=args.activation_quant,
+                           use_kernels=not args.no_kernels)

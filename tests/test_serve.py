@@ -1,0 +1,374 @@
+"""`lowbit serve`: a real uvicorn server on a loopback port, queried with the real `openai` client.
+
+The model is built here in seconds (a tiny random Llama with lowbit demo's BPE tokenizer and a chat
+template), so the tests need no fixtures. Every answer is compared with `Model.generate` on a
+second, independently loaded copy of the same checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+import lowbit
+from lowbit import demo, synthetic
+from lowbit.cli import main as cli_main
+from lowbit.serve import create_app
+from tiny_models import make_tiny
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+MAX_LEN = 256
+PROMPTS = ["The kettle had been", "Once upon a time", "She said", "A"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served") / "tiny-chat"
+    tok = demo.build_tokenizer(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    make_tiny(path, vocab_size=len(tok), max_position_embeddings=MAX_LEN, bos_token_id=tok.bos_token_id,
+              eos_token_id=tok.eos_token_id)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    """The reference: Model.generate on its own copy of the checkpoint."""
+    return lowbit.load(model_dir, device="cpu", dtype="float32", progress=False)
+
+
+@contextmanager
+def serving(app):
+    """`app` under uvicorn on a free loopback port, in a background thread; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    model = lowbit.load(model_dir, device="cpu", dtype="float32", progress=False)
+    app = create_app(model, max_batch=4, max_len=MAX_LEN)
+    with serving(app) as url:
+        yield url, app.state.service
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(ref, prompt, n, **kwargs):
+    return ref.generate([prompt], max_new_tokens=n, **kwargs)[0]
+
+
+def ids_of(choice) -> list[int]:
+    return choice.model_extra["token_ids"]
+
+
+# ---------------------------------------------------------------- answers equal Model.generate
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == ["tiny-chat"]
+    r = httpx.get(server[0] + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_greedy_completion_equals_generate(client, ref, ignore_eos):
+    for prompt in PROMPTS:
+        want = greedy(ref, prompt, 12, ignore_eos=ignore_eos)
+        r = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"return_token_ids": True, "ignore_eos": ignore_eos})
+        c = r.choices[0]
+        assert (c.text, ids_of(c)) == (want.text, want.output_ids)
+        assert c.finish_reason == ("length" if want.finish_reason == "length" else "stop")
+        assert r.model_extra["prompt_token_ids"] == want.prompt_ids
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+            (len(want.prompt_ids), len(want.output_ids), len(want.prompt_ids) + len(want.output_ids))
+
+
+def test_token_id_prompt(client, ref):
+    prompt = torch.randint(3, ref.config.vocab_size, (9,)).tolist()
+    want = greedy(ref, prompt, 8, ignore_eos=True)
+    r = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert ids_of(r.choices[0]) == want.output_ids
+    assert r.choices[0].text == ref.decode(want.output_ids)
+
+
+def test_chat_equals_generate_on_the_templated_prompt(client, ref):
+    want = greedy(ref, "Hello there", 10, chat=True, ignore_eos=True)
+    r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hello there"}],
+                                       max_tokens=10, temperature=0, extra_body={"return_token_ids": True,
+                                                                                 "ignore_eos": True})
+    assert r.choices[0].message.role == "assistant"
+    assert (r.choices[0].message.content, ids_of(r.choices[0])) == (want.text, want.output_ids)
+    assert r.usage.prompt_tokens == len(want.prompt_ids) and r.choices[0].finish_reason == "length"
+    # a whole conversation, with content given as text parts
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Tea?"}]
+    prompt = ref.encode_chat(messages)
+    want = greedy(ref, prompt, 6, ignore_eos=True)
+    messages[-1]["content"] = [{"type": "text", "text": "Te"}, {"type": "text", "text": "a?"}]
+    r = client.chat.completions.create(model="tiny-chat", messages=messages, max_completion_tokens=6,
+                                       temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert r.model_extra["prompt_token_ids"] == prompt and ids_of(r.choices[0]) == want.output_ids
+
+
+def test_streaming_concatenates_to_the_whole_answer(client):
+    kw = dict(model="tiny-chat", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(prompt=PROMPTS[0], **kw)
+    chunks = list(client.completions.create(prompt=PROMPTS[0], stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+    messages = [{"role": "user", "content": "Tell me"}]
+    whole = client.chat.completions.create(messages=messages, **kw)
+    chunks = list(client.chat.completions.create(messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_raw_sse_ends_with_done(server):
+    with httpx.stream("POST", server[0] + "/v1/completions",
+                      json={"prompt": "A", "max_tokens": 3, "temperature": 0, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_stop_strings_and_max_tokens(client, ref):
+    free = greedy(ref, PROMPTS[1], 24, ignore_eos=True)
+    text = free.text
+    kw = dict(model="tiny-chat", prompt=PROMPTS[1], max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    for start, stop in [(3, text[3:6]), (len(text) // 2, [text[len(text) // 2:][:2], "never"])]:
+        cut = text[:text.find(stop if isinstance(stop, str) else stop[0])]
+        r = client.completions.create(stop=stop, **kw)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+        chunks = list(client.completions.create(stop=stop, stream=True, **kw))
+        assert "".join(c.choices[0].text for c in chunks) == cut
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    r = client.completions.create(**kw | {"max_tokens": 5})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+
+
+def test_concurrent_requests_share_the_batch_and_get_their_own_tokens(server, client, ref, monkeypatch):
+    """Six requests from six threads, greedy and seeded-sampled, of different lengths: each gets
+    exactly what it gets alone, and the engine ran them in shared decode steps."""
+    engine = server[1].worker.engine
+    batch_sizes = []
+    decode = engine.decode
+
+    def recording_decode(slots, *args):
+        batch_sizes.append(len(slots))
+        return decode(slots, *args)
+
+    monkeypatch.setattr(engine, "decode", recording_decode)
+    jobs = [(p, n, 0.0) for p, n in zip(PROMPTS, (40, 25, 33, 18))] + [(PROMPTS[0], 30, 0.8), (PROMPTS[2], 20, 1.2)]
+    want = [greedy(ref, p, n, temperature=t, seed=7, ignore_eos=True).output_ids for p, n, t in jobs]
+    got = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def ask(i):
+        p, n, t = jobs[i]
+        start.wait()
+        r = client.completions.create(model="tiny-chat", prompt=p, max_tokens=n, temperature=t, seed=7,
+                                      extra_body={"return_token_ids": True, "ignore_eos": True})
+        got[i] = ids_of(r.choices[0])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+    assert max(batch_sizes) >= 2, batch_sizes
+    assert engine.free_slots == engine.num_slots
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_frees_the_slot(server, monkeypatch, stream):
+    url, service = server
+    submitted = []
+    submit = service.worker.submit
+    monkeypatch.setattr(service.worker, "submit", lambda *a: submitted.append(submit(*a)) or submitted[-1])
+    body = json.dumps({"prompt": "A", "max_tokens": MAX_LEN - 8, "temperature": 0, "ignore_eos": True,
+                       "stream": stream}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)))
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.time() + 30
+    while not (submitted and submitted[0].seq.out):
+        assert time.time() < deadline
+        time.sleep(0.005)
+    conn.close()  # gone mid-generation
+    seq = submitted[0].seq
+    while seq.slot >= 0:
+        assert time.time() < deadline
+        time.sleep(0.005)
+    assert seq.finish == "cancelled" and len(seq.out) < MAX_LEN - 8
+    assert service.worker.engine.free_slots == service.worker.engine.num_slots
+
+
+# ---------------------------------------------------------------- errors
+def error_of(call, status):
+    with pytest.raises(openai.APIStatusError) as e:
+        call()
+    assert e.value.status_code == status
+    body = e.value.body
+    assert set(body) == {"message", "type", "param", "code"}, body
+    return body
+
+
+def test_errors_in_openai_format(client, server):
+    def complete(**kw):
+        return lambda: client.completions.create(**({"model": "tiny-chat", "prompt": "Hi", "temperature": 0} | kw))
+
+    def chat(**kw):
+        return lambda: client.chat.completions.create(
+            **({"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}]} | kw))
+
+    e = error_of(complete(prompt="word " * MAX_LEN), 400)
+    assert "context length is 256" in e["message"] and e["param"] == "prompt"
+    e = error_of(complete(max_tokens=MAX_LEN), 400)
+    assert "lower max_tokens" in e["message"] and e["param"] == "max_tokens"
+    e = error_of(complete(max_tokens=0), 400)
+    assert e["param"] == "max_tokens" and "greater than or equal to 1" in e["message"]
+    e = error_of(complete(temperature="hot"), 400)
+    assert e["param"] == "temperature" and e["type"] == "invalid_request_error"
+    e = error_of(complete(top_p=0), 400)
+    assert "top_p must be in (0, 1]" in e["message"]
+    e = error_of(complete(n=2), 400)
+    assert e["param"] == "n" and "not supported" in e["message"]
+    e = error_of(complete(prompt=["a", "b"]), 400)
+    assert "one prompt per request" in e["message"]
+    e = error_of(complete(prompt=[5, 10**6]), 400)
+    assert "token ids must be in [0, 512)" in e["message"]
+    assert error_of(complete(logprobs=2), 400)["param"] == "logprobs"
+    assert error_of(chat(logprobs=True), 400)["param"] == "logprobs"
+    e = error_of(chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400)
+    assert "only text content" in e["message"]
+    e = error_of(complete(model="gpt-4"), 404)
+    assert e["code"] == "model_not_found" and "'gpt-4' does not exist" in e["message"]
+    r = httpx.post(server[0] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(server[0] + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+
+
+def test_a_failed_step_fails_its_requests_not_the_server(server, client, monkeypatch):
+    engine = server[1].worker.engine
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "decode", broken)
+    e = error_of(lambda: client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=4), 500)
+    assert e["type"] == "server_error" and "RuntimeError: device lost" in e["message"]
+    with httpx.stream("POST", server[0] + "/v1/completions",
+                      json={"prompt": "Hi", "max_tokens": 4, "stream": True}) as r:
+        last = [line for line in r.iter_lines() if line][-1]
+    assert "device lost" in json.loads(last.removeprefix("data: "))["error"]["message"]
+    monkeypatch.undo()
+    assert client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=4).usage.completion_tokens > 0
+    assert engine.free_slots == engine.num_slots
+
+
+def test_model_without_chat_template(model_dir, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    model = lowbit.load(plain, device="cpu", dtype="float32", progress=False)
+    with serving(create_app(model, max_batch=1, max_len=32)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        e = error_of(lambda: client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "Hi"}]),
+                     400)
+        assert "the tokenizer has no chat template" in e["message"]
+        assert client.completions.create(model="plain", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_synthetic_model_serves_token_ids_and_refuses_text(ref):
+    model = synthetic.build("tiny", "bf16", device="cpu", dtype=torch.float32, seed=3)
+    prompt = [5, 17, 300, 42]
+    want = model.generate([prompt], max_new_tokens=6, ignore_eos=True)[0].output_ids
+    with serving(create_app(model, "tiny", max_batch=2, max_len=64)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                      extra_body={"return_token_ids": True, "ignore_eos": True})
+        assert ids_of(r.choices[0]) == want and r.choices[0].text == ""
+        e = error_of(lambda: client.completions.create(model="tiny", prompt="text", max_tokens=2), 400)
+        assert "no tokenizer" in e["message"]
+        e = error_of(lambda: client.completions.create(model="tiny", prompt=prompt, max_tokens=2, stop="x"), 400)
+        assert e["param"] == "stop"
+
+
+# ---------------------------------------------------------------- the command
+def test_cli_refuses_bad_arguments_in_one_line(capsys, tmp_path):
+    assert cli_main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lowbit serve: error: no such checkpoint directory: {tmp_path / 'missing'}"
+    assert cli_main(["serve"]) == 2
+    assert "give a checkpoint PATH or --synthetic NAME" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert cli_main(["serve", "--synthetic", "tiny", "--port", str(taken.getsockname()[1])]) == 2
+        assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_cli_serves_until_interrupted(model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "serve", str(model_dir), "--port", "0", "--device",
+                             "cpu", "--served-model-name", "tea", "--max-len", "64"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()
+        assert banner.startswith("lowbit serve: 'tea' on http://127.0.0.1:"), banner
+        url = banner.split()[4]
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        deadline = time.time() + 30
+        while True:  # the banner comes just before uvicorn starts accepting
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline
+                time.sleep(0.05)
+        assert [(m.id, m.model_extra["max_model_len"]) for m in models] == [("tea", 64)]
+        r = client.completions.create(model="tea", prompt="Hi", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens <= 3
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down gracefully, then lowbit exits 130
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "Application shutdown complete" in err
