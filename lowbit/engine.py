@@ -111,8 +111,9 @@ class Engine:
         return Tokens(tok)
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], params: SamplingParams, generator=None) -> Tokens:
-        """Advance each slot by one token (the one it was last given) and sample the next."""
+    def decode(self, slots: list[int], params: SamplingParams | list[SamplingParams], generator=None) -> Tokens:
+        """Advance each slot by one token (the one it was last given) and sample the next (per-slot
+        params and generators as lists: see sampling.sample)."""
         n = len(slots)
         for s in slots:
             if self.lengths[s] + 1 > self.max_len:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import parallel
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_key
 
 
 @dataclass
@@ -130,11 +130,13 @@ class Scheduler:
                 self._inflight.append(([s], engine.prefill(s.slot, s.prompt, s.params, s.generator)))
         # launch the next step first; sequences known to reach max_new_tokens are left out
         step = [s for s in self.running if s.finish is None and len(s.out) + s.pending < s.max_new_tokens]
+        step.sort(key=lambda s: sampling_key(s.params, s.generator))  # rows that sample alike side by side
         launched = []
-        for group in _sampling_groups(step):
-            for s in group:
+        if step:
+            for s in step:
                 s.pending += 1
-            launched.append((group, engine.decode([s.slot for s in group], group[0].params, group[0].generator)))
+            launched.append((step, engine.decode([s.slot for s in step], [s.params for s in step],
+                                                 [s.generator for s in step])))
         events = []
         for batch, toks in self._inflight:
             for s, tok in zip(batch, toks.get()):
@@ -157,18 +159,6 @@ class Scheduler:
         self.engine.release(s.slot)
         s.slot = -1
         self.running.remove(s)
-
-
-def _sampling_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Sequences that sample alike share one decode step: all greedy ones, and sampled ones with the
-    same settings and generator. A sequence with its own generator (a seed) steps alone, so its
-    draws do not depend on what else runs."""
-    groups: dict = {}
-    for s in seqs:
-        p = s.params
-        key = None if p.temperature == 0 else (p.temperature, p.top_k, p.top_p, id(s.generator))
-        groups.setdefault(key, []).append(s)
-    return list(groups.values())
 
 
 def sampling_generator(device, seed: int | None) -> torch.Generator:

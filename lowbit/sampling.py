@@ -22,8 +22,12 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] (float32) -> token ids [B]."""
+def sample(logits: torch.Tensor, params: SamplingParams | list[SamplingParams],
+           generator: torch.Generator | None | list[torch.Generator | None]) -> torch.Tensor:
+    """logits [B, V] (float32) -> token ids [B]. `params` and `generator` apply to every row, or are
+    lists with one per row (requests with their own settings sharing one decode step)."""
+    if isinstance(params, list):
+        return _sample_rows(logits, params, generator)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
@@ -40,3 +44,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     # Exponential race (Gumbel-max equivalent): no host sync, unlike torch.multinomial.
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def sampling_key(params: SamplingParams, generator) -> tuple:
+    """Rows with equal keys sample alike: every greedy row; sampled rows with the same settings and generator."""
+    if params.temperature == 0:
+        return (0.0, 0, 1.0, 0)
+    return (params.temperature, params.top_k, params.top_p, id(generator))
+
+
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """Each run of consecutive rows that sample alike is sampled in one go (sort the rows by
+    `sampling_key` for the fewest runs). A row with a generator of its own draws exactly what it
+    would draw alone, whatever the other rows are."""
+    keys = [sampling_key(p, g) for p, g in zip(params, generators)]
+    parts, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            parts.append(sample(logits[start:i], params[start], generators[start]))
+            start = i
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

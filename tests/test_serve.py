@@ -184,15 +184,15 @@ def test_stop_strings_and_max_tokens(client, ref):
 
 
 def test_concurrent_requests_share_the_batch_and_get_their_own_tokens(server, client, ref, monkeypatch):
-    """Six requests from six threads, greedy and seeded-sampled, of different lengths: each gets
-    exactly what it gets alone, and the engine ran them in shared decode steps."""
+    """Six requests from six threads, greedy and seeded-sampled, of different lengths, through four
+    slots: each gets exactly what it gets alone, though they ran in shared decode steps."""
     engine = server[1].worker.engine
-    batch_sizes = []
+    steps = []  # the temperatures of each decode step's rows
     decode = engine.decode
 
-    def recording_decode(slots, *args):
-        batch_sizes.append(len(slots))
-        return decode(slots, *args)
+    def recording_decode(slots, params, generators):
+        steps.append([p.temperature for p in params])
+        return decode(slots, params, generators)
 
     monkeypatch.setattr(engine, "decode", recording_decode)
     jobs = [(p, n, 0.0) for p, n in zip(PROMPTS, (40, 25, 33, 18))] + [(PROMPTS[0], 30, 0.8), (PROMPTS[2], 20, 1.2)]
@@ -213,7 +213,7 @@ def test_concurrent_requests_share_the_batch_and_get_their_own_tokens(server, cl
     for t in threads:
         t.join()
     assert got == want
-    assert max(batch_sizes) >= 2, batch_sizes
+    assert any(0.0 in t and max(t) > 0 for t in steps), steps  # greedy and sampled rows in one step
     assert engine.free_slots == engine.num_slots
 
 

@@ -39,7 +39,7 @@ class Worker:
             self.has_tokenizer = True
         except LowbitError:
             self.has_tokenizer = False
-        self._shared_generator = None  # requests sampled without a seed share one, so they batch together
+        self._shared_generator = None  # requests sampled without a seed share one: sampled in one go
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
