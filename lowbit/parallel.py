@@ -50,6 +50,23 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over the group, in place. A device-side collective (no host sync), so a
+    CUDA graph captures it like the sum after each row-parallel projection."""
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def whole_k_amax(x: torch.Tensor, spec) -> torch.Tensor | None:
+    """Per-row amax (float32 [..., 1]) of the activations x entering a row-parallel projection under
+    tensor parallelism, taken over the whole K: each rank holds a slice of K, so its amax is
+    all-reduced with MAX and every rank forms the dynamic scale tp=1 would. None for any other
+    projection: x holds the whole K and the quantizer takes its own amax, with no collective."""
+    if spec.parallel != "row" or spec.tp_size == 1:
+        return None
+    return all_reduce_max(x.abs().amax(dim=-1, keepdim=True).float())  # amax is exact in x's dtype
+
+
 def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along the last dimension (rank order)."""
     n = dist.get_world_size()

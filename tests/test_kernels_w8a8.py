@@ -81,6 +81,36 @@ def test_static_scale_quant():
     assert torch.equal(q8.cpu().view(torch.uint8), nm.quantize_fp8(xf, 0.05).view(torch.uint8))
 
 
+def k_halves(x):
+    """A row-parallel cut of x's K (odd) into two uneven slices, and each row's amax over all of K."""
+    h = x.shape[1] // 2
+    return (x[:, :h], x[:, h:]), x.abs().amax(-1).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_given_amax_quantizes_a_slice_as_the_whole_row(dtype):
+    """A row-parallel rank holds a slice of K and is given the row's amax over all of it: its codes
+    and scales are those of the unsplit row, bit for bit."""
+    x = activations(7, 301)
+    x[:, 150:] *= 3  # most rows' amax in the second slice: the first slice's own would differ
+    q, s = quant_rows(x, dtype)
+    qmax = 127.0 if dtype == torch.int8 else nm.FP8_MAX
+    assert torch.equal(s.cpu(), (on_cpu(x).abs().amax(-1) / qmax).clamp(min=1e-12))
+    slices, amax = k_halves(x)
+    parts = [quant_rows(part, dtype, amax=amax) for part in slices]
+    for qp, sp in parts:
+        assert torch.equal(sp, s)
+    assert torch.equal(torch.cat([qp for qp, _ in parts], 1).view(torch.uint8), q.view(torch.uint8))
+
+
+def test_given_amax_must_be_one_per_row_and_dynamic():
+    x = activations(4, 64)
+    with pytest.raises(ValueError, match=r"one value per row \(4\); got 3 values"):
+        quant_rows(x, torch.int8, amax=torch.rand(3, device=DEV))
+    with pytest.raises(ValueError, match="and a static input_scale"):
+        quant_rows(x, torch.int8, torch.tensor(0.05, device=DEV), amax=torch.rand(4, device=DEV))
+
+
 def fp8_weight(n, k):
     w = (torch.randn(n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).to(DEV)
     return w, (torch.rand(n) * 0.01 + 1e-3).to(DEV)
@@ -133,3 +163,26 @@ def test_gpu_fp8_w8a8_both_paths(m):
     bias = torch.randn(n, dtype=torch.bfloat16, device=DEV)
     ref = nm.fake_quant_fp8_activation(on_cpu(x), None) @ (on_cpu(w) * on_cpu(ws)[:, None]).T + on_cpu(bias)
     assert rel_err(kernels.fp8_linear(x, w, ws, None, bias).cpu(), ref) < TOL
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_w8a8_linear_on_a_slice_of_k_with_the_rows_amax(fp8):
+    """What a row-parallel rank computes: its slice of x (odd K) quantized with the whole row's
+    scale, times its columns of the weight: the unsplit layer's products over those columns."""
+    n, k = 72, 301
+    x = activations(5, k)
+    x[:, 150:] *= 3
+    (part, _), amax = k_halves(x)
+    h = part.shape[1]
+    if fp8:
+        w, ws = fp8_weight(n, k)
+        y = kernels.fp8_linear(part, w[:, :h].contiguous(), ws, amax=amax)
+        xq = nm.fake_quant_fp8_activation(on_cpu(x), None)
+    else:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
+        ws = (torch.rand(n) * 0.01 + 1e-3).to(DEV)
+        y = kernels.int8_linear(part, w[:, :h].contiguous(), ws, amax=amax)
+        xs = on_cpu(x).abs().amax(-1, keepdim=True) / 127
+        xq = torch.round(on_cpu(x) / xs).clamp(-128, 127) * xs
+    ref = xq[:, :h] @ (on_cpu(w[:, :h]) * on_cpu(ws)[:, None]).T
+    assert rel_err(y.cpu(), ref) < TOL

@@ -7,7 +7,10 @@ saturates and stores, so x is read from HBM once (the second pass hits L2) and w
   fp8:  s = max(amax / 448, 1e-12); q = e4m3_rne(clamp(x / s, +-448))
   int8: s = max(amax / 127, 1e-12); q = clamp(round_half_even(x / s), -128, 127)
 
-A static scale (a checkpoint's input_scale) replaces the amax pass. The division is IEEE
+A static scale (a checkpoint's input_scale) replaces the amax pass, and so does a given per-row
+amax: a row-parallel layer under tensor parallelism holds a slice of K, so its amax over the whole
+row comes from an all-reduce (lowbit.parallel.whole_k_amax) and the scale is formed here, by the
+same formula as the unsplit row. The division is IEEE
 (div_rn), and the rounding is done in fp32 arithmetic so that the result is bit-exact on GPU and
 in the CPU interpreter alike.
 """
@@ -34,8 +37,8 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, K, stride_xm, stride_qm,
-                       IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, amax_ptr, K, stride_xm, stride_qm,
+                       IS_INT: tl.constexpr, STATIC: tl.constexpr, GIVEN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
     QMAX: tl.constexpr = 127.0 if IS_INT else 448.0
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
@@ -44,11 +47,15 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, K, stride_xm, stride_q
     if STATIC:
         s = tl.load(in_scale_ptr).to(tl.float32)
     else:
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), 1e-12)
+        if GIVEN_AMAX:
+            amax = tl.load(amax_ptr + row)
+        else:
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, tl.abs(x))
+            amax = tl.max(acc, axis=0)
+        s = tl.maximum(tl.math.div_rn(amax, QMAX), 1e-12)
     for k0 in range(0, K, BLOCK):
         ok = k0 + offs < K
         v = tl.math.div_rn(tl.load(x_row + k0 + offs, mask=ok, other=0.0).to(tl.float32), s)
@@ -60,12 +67,19 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, K, stride_xm, stride_q
     tl.store(s_ptr + row, s)
 
 
-def quant_rows(x: torch.Tensor, dtype: torch.dtype, input_scale: torch.Tensor | None = None):
+def quant_rows(x: torch.Tensor, dtype: torch.dtype, input_scale: torch.Tensor | None = None,
+               amax: torch.Tensor | None = None):
     """x [M, K] bf16/fp16 -> (codes [M, K] of `dtype` (float8_e4m3fn or int8), scales fp32 [M]).
 
-    input_scale: a static per-tensor scale (0-d or [1]); None computes one scale per row.
+    input_scale: a static per-tensor scale (0-d or [1]); None computes one scale per row, from the
+    row's own amax or from `amax` (fp32, M values: each row's amax over the whole K, when x holds
+    only this rank's slice of it).
     """
     m, k = x.shape
+    static, given = input_scale is not None, amax is not None
+    if given and (static or amax.numel() != m):
+        raise ValueError(f"quant_rows: a given amax replaces the dynamic scale's own, one value per row ({m}); "
+                         f"got {amax.numel()} values{' and a static input_scale' if static else ''}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     is_int = dtype == torch.int8
@@ -73,8 +87,8 @@ def quant_rows(x: torch.Tensor, dtype: torch.dtype, input_scale: torch.Tensor | 
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block = min(triton.next_power_of_2(k), 4096)
-        static = input_scale is not None
         _quant_rows_kernel[(m,)](
-            x, q, s, input_scale.reshape(1).float() if static else s, k, x.stride(0), q.stride(0),
-            IS_INT=is_int, STATIC=static, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+            x, q, s, input_scale.reshape(1).float() if static else s,
+            amax.reshape(m).float().contiguous() if given else s, k, x.stride(0), q.stride(0),
+            IS_INT=is_int, STATIC=static, GIVEN_AMAX=given, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return (q if is_int else q.view(torch.float8_e4m3fn)), s

@@ -13,6 +13,7 @@ import importlib.util
 
 import torch
 
+from .. import parallel
 from . import ops
 
 
@@ -41,12 +42,15 @@ def linear(method, layer, x: torch.Tensor) -> torch.Tensor | None:
         return ops.int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
                               bits, group, k, bias, planar=planar)
     if s.weight in ("fp8", "int8") and s.granularity in ("tensor", "channel"):
-        input_scale = None
+        input_scale = amax = None
         if quant_x:
             if not s.act_dynamic and s.act_symmetric and s.act_granularity in (None, "tensor"):
                 input_scale = layer.input_scale
-            elif not (s.act_dynamic and s.act_granularity == "token"):
+            elif s.act_dynamic and s.act_granularity == "token":
+                # a row-parallel rank's tokens: their amax over the whole K (None: x holds all of K)
+                amax = parallel.whole_k_amax(x.reshape(-1, k), method.spec)
+            else:
                 return None  # per-tensor dynamic, per-group or asymmetric activations: reference
         fn = ops.fp8_linear if s.weight == "fp8" else ops.int8_linear
-        return fn(x, layer.weight, layer.weight_scale, input_scale, bias, quantize_input=quant_x)
+        return fn(x, layer.weight, layer.weight_scale, input_scale, bias, quantize_input=quant_x, amax=amax)
     return None

@@ -145,12 +145,14 @@ def int_linear(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               quantize_input: bool = True) -> torch.Tensor:
+               quantize_input: bool = True, amax: torch.Tensor | None = None) -> torch.Tensor:
     """FP8 E4M3 weights [N, K] with an fp32 per-row scale (per-tensor scales: expanded).
 
     quantize_input (W8A8): x is quantized to FP8 per token (or with the static `input_scale`) and
     multiplied on the FP8 tensor cores: the Triton kernel for small M, torch._scaled_mm from
-    SCALED_MM_MIN_M tokens on. quantize_input=False: weight-only (W8A16), the weight is upcast.
+    SCALED_MM_MIN_M tokens on. amax (fp32, one value per token): the tokens' amax over the whole
+    K when x is a row-parallel rank's slice (see act_quant.quant_rows). quantize_input=False:
+    weight-only (W8A16), the weight is upcast.
     """
     from .act_quant import quant_rows
     from .gemm import FMT_FP8, gemm
@@ -161,7 +163,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if not quantize_input:
         return gemm(x, weight, FMT_FP8, k, row_scale=ws, bias=bias)
     x2 = x.reshape(-1, k)
-    xq, xs = quant_rows(x2, torch.float8_e4m3fn, input_scale)
+    xq, xs = quant_rows(x2, torch.float8_e4m3fn, input_scale, amax)
     m = x2.shape[0]
     if x.is_cuda and m >= SCALED_MM_MIN_M and k % 16 == 0 and n % 16 == 0:
         # row-wise scaled FP8 GEMM in cuBLASLt; it only writes bf16
@@ -174,10 +176,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                quantize_input: bool = True) -> torch.Tensor:
+                quantize_input: bool = True, amax: torch.Tensor | None = None) -> torch.Tensor:
     """int8 weights [N, K] with an fp32 per-row scale. quantize_input (W8A8): x quantized to int8
-    per token (scale amax/127, round half to even) or with the static symmetric `input_scale`; int8
-    tensor cores, int32 accumulation, both scales in the epilogue. Else weight-only (upcast)."""
+    per token (scale amax/127, round half to even; amax as in fp8_linear) or with the static
+    symmetric `input_scale`; int8 tensor cores, int32 accumulation, both scales in the epilogue.
+    Else weight-only (upcast)."""
     from .act_quant import quant_rows
     from .gemm import FMT_I8, gemm
 
@@ -186,7 +189,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     if not quantize_input:
         return gemm(x, weight, FMT_I8, k, row_scale=_row_vector(weight_scale, n), bias=bias)
     x2 = x.reshape(-1, k)
-    xq, xs = quant_rows(x2, torch.int8, input_scale)
+    xq, xs = quant_rows(x2, torch.int8, input_scale, amax)
     y = gemm(xq, weight, FMT_I8, k, row_scale=_row_vector(weight_scale, n), x_scale=xs, bias=bias,
              out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], n)

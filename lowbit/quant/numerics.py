@@ -118,11 +118,14 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def fake_quant_fp8_activation(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """FP8 activation quant-dequant. scale=None: dynamic per-token (amax/448 per row)."""
+def fake_quant_fp8_activation(x: torch.Tensor, scale: torch.Tensor | None,
+                              amax: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8 activation quant-dequant. scale=None: dynamic per-token (amax/448 per row), from each
+    row's own amax or from `amax` ([..., 1]; e.g. reduced over the whole K under tensor parallelism)."""
     xf = x.float()
     if scale is None:
-        amax = xf.abs().amax(dim=-1, keepdim=True)
+        if amax is None:
+            amax = xf.abs().amax(dim=-1, keepdim=True)
         s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero row stays zero
     else:
         s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)

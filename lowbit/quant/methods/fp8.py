@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...parallel import whole_k_amax
 from ..numerics import fake_quant_fp8_activation
 from . import register
 from .common import TP_FIX, QuantMethod
@@ -89,14 +90,17 @@ class FP8Method(QuantMethod):
 
     def fake_quant_input(self, layer, x):
         """x quantized to FP8 and back, with the checkpoint's static scale or a dynamic one per token,
-        per group of columns, or per tensor (each is the per-row rule applied to a reshaped x)."""
+        per group of columns, or per tensor (each is the per-row rule applied to a reshaped x).
+        Token and tensor amaxes span K, so a row-parallel rank takes them over every rank's slice;
+        groups lie within one rank's slice (create_weights refuses a cut through a group)."""
         s = self.scheme
         if not s.act_dynamic:
             return fake_quant_fp8_activation(x, layer.input_scale)
         if s.act_granularity == "token":
-            return fake_quant_fp8_activation(x, None)
+            return fake_quant_fp8_activation(x, None, whole_k_amax(x, self.spec))
         if s.act_granularity == "group":  # a partial last group is padded with zeros (amax unchanged)
             k = x.shape[-1]
             xp = F.pad(x, (0, (-k) % self.act_group))
             return fake_quant_fp8_activation(xp.unflatten(-1, (-1, self.act_group)), None).flatten(-2)[..., :k]
-        return fake_quant_fp8_activation(x.reshape(1, -1), None).reshape(x.shape)
+        flat = x.reshape(1, -1)
+        return fake_quant_fp8_activation(flat, None, whole_k_amax(flat, self.spec)).reshape(x.shape)

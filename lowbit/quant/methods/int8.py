@@ -7,7 +7,8 @@ float32 0-d. Dynamic per-token activations store nothing.
 
 The reference forward is exact integer arithmetic, as an int8 GEMM computes it: x is quantized
 to int8, the products are summed exactly (int32 on a GPU; float64 here, exact below 2^53), then
-scaled by input scale x weight scale in float32.
+scaled by input scale x weight scale in float32 (float64 for a float64 model, whose tensor-parallel
+partial outputs must reach the all-reduce unrounded).
 """
 from __future__ import annotations
 
@@ -15,17 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...parallel import whole_k_amax
 from . import register
 from .common import QuantMethod
 
 INT8_MAX = 127.0
 
 
-def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-token quantization: scale = amax/127 per row, round half to even.
+def quantize_int8_per_token(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token quantization: scale = amax/127 per row, round half to even; amax
+    ([..., 1]) replaces each row's own (e.g. reduced over the whole K under tensor parallelism).
     Returns (q as float32 holding integers in [-127, 127], scale float32 [..., 1])."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
+    if amax is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))  # an all-zero row stays zero
     return torch.round(xf / scale).clamp(-INT8_MAX - 1, INT8_MAX), scale
 
@@ -73,7 +77,7 @@ class Int8Method(QuantMethod):
         if not self.quantize_activations():
             return F.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
         if self.scheme.act_dynamic:
-            q, x_scale = quantize_int8_per_token(x)
+            q, x_scale = quantize_int8_per_token(x, whole_k_amax(x, self.spec))
             zp = None
         else:
             x_scale = layer.input_scale
@@ -81,8 +85,8 @@ class Int8Method(QuantMethod):
             q = quantize_int8_static(x, x_scale, zp)
         if zp is not None:
             q = q - zp  # integers in [-255, 255]: still exact
-        acc = (q.double() @ layer.weight.double().t()).float()
+        acc = (q.double() @ layer.weight.double().t()).to(torch.promote_types(x.dtype, torch.float32))
         y = acc * x_scale * layer.weight_scale
         if layer.bias is not None:
-            y = y + layer.bias.float()
+            y = y + layer.bias.to(y.dtype)
         return y.to(x.dtype)
