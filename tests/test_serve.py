@@ -169,15 +169,17 @@ def test_raw_sse_ends_with_done(server):
 
 
 def test_stop_strings_and_max_tokens(client, ref):
-    free = greedy(ref, PROMPTS[1], 24, ignore_eos=True)
-    text = free.text
+    """Stop strings anywhere in the text (inside a token or across tokens), given as a string or a
+    list: the answer ends before the first one, streamed or not."""
+    text = greedy(ref, PROMPTS[1], 24, ignore_eos=True).text
     kw = dict(model="tiny-chat", prompt=PROMPTS[1], max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
-    for start, stop in [(3, text[3:6]), (len(text) // 2, [text[len(text) // 2:][:2], "never"])]:
-        cut = text[:text.find(stop if isinstance(stop, str) else stop[0])]
+    stops = [text[i:i + 3] for i in range(1, len(text) - 3, max(1, len(text) // 5))] + [["never", text[-2:]]]
+    for stop in stops:
+        first = min(text.find(s) for s in ([stop] if isinstance(stop, str) else stop) if s in text)
         r = client.completions.create(stop=stop, **kw)
-        assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (text[:first], "stop"), stop
         chunks = list(client.completions.create(stop=stop, stream=True, **kw))
-        assert "".join(c.choices[0].text for c in chunks) == cut
+        assert "".join(c.choices[0].text for c in chunks) == text[:first], stop
         assert chunks[-1].choices[0].finish_reason == "stop"
     r = client.completions.create(**kw | {"max_tokens": 5})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
@@ -334,7 +336,7 @@ def test_synthetic_model_serves_token_ids_and_refuses_text(ref):
 
 
 # ---------------------------------------------------------------- the command
-def test_cli_refuses_bad_arguments_in_one_line(capsys, tmp_path):
+def test_cli_refuses_bad_arguments_in_one_line(capsys, tmp_path, monkeypatch):
     assert cli_main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"lowbit serve: error: no such checkpoint directory: {tmp_path / 'missing'}"
@@ -345,6 +347,10 @@ def test_cli_refuses_bad_arguments_in_one_line(capsys, tmp_path):
         taken.listen()
         assert cli_main(["serve", "--synthetic", "tiny", "--port", str(taken.getsockname()[1])]) == 2
         assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    assert cli_main(["serve", "--synthetic", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'lowbit[serve]'" in err
 
 
 def test_cli_serves_until_interrupted(model_dir):
