@@ -113,16 +113,3 @@ def test_gpu_planar_ptx_equals_triton_spelling(dtype):
     pw = kernels.prepare_int4(words, k)
     assert torch.equal(w4.w4_linear(x, pw, False, k, scale, zp, 32, use_asm=True),
                        w4.w4_linear(x, pw, False, k, scale, zp, 32, use_asm=False))
-
-
-@pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("k", [256, 400])  # 400: a partial last chunk and a partial scale group
-def test_nvfp4_one_or_two_tokens(m, k):
-    """M <= 2 takes the (K-block, token)-column kernel; with split-K and a bias too."""
-    n = 72
-    x, bias = x_and_bias(m, n, k, torch.bfloat16, True)
-    packed, bs, rs = nvfp4_weight(n, k)
-    planar = kernels.prepare_nvfp4(packed)
-    ref = reference(x, nm.dequant_nvfp4(packed, bs, rs), bias)
-    for tiles in (None, Tiles(16, 64, 128, split=2, warps=2)):
-        assert rel_err(w4.w4_linear(x, planar, True, k, bs, row_scale=rs, bias=bias, tiles=tiles), ref) < TOL

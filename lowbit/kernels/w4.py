@@ -200,54 +200,6 @@ def _w4_kernel(
 
 
 @triton.jit
-def _nvfp4_gemv_kernel(x_ptr, w_ptr, s_ptr, rs_ptr, b_ptr, out_ptr, M, N, K, G, stride_xm, stride_wn, stride_sn,
-                       stride_om, stride_os, chunks_per_split, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                       USE_ASM: tl.constexpr, UPCAST: tl.constexpr, BN: tl.constexpr):
-    """NVFP4 for one or two tokens: the MMA's 16 columns hold (K-block, token) pairs.
-
-    _w4_kernel spends the 16 columns on tokens, so at M <= 2 fourteen are zeros, and each of a
-    chunk's eight K-blocks needs its own accumulator scaled by its block scale (one FFMA per weight).
-    Here K-block j of token t feeds column 2j + t: the eight blocks chain into one accumulator and
-    land in separate columns, the chunk's block scales (moved into the accumulator layout by one MMA
-    with an identity operand) multiply it once, and the columns are summed per token at the end.
-    """
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    n_ok = offs_n < N
-    cols = tl.arange(0, 16)
-    blk, tok = cols // 2, cols % 2
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    ident = (cols[:, None] == cols[None, :]).to(tl.float32).to(DT)
-    zero = tl.zeros((BN, 16), dtype=tl.float32)
-    acc = zero
-    c_begin = tl.program_id(1) * chunks_per_split
-    c_end = tl.minimum(tl.cdiv(K, 128), c_begin + chunks_per_split)
-    for c in range(c_begin, c_end):
-        units = tl.load(w_rows + c * 16 + cols[None, :], mask=n_ok[:, None], other=0)
-        v = dq.planar_tile(units, True, DT, USE_ASM)
-        part = zero
-        for j in tl.static_range(8):
-            offs_k = c * 128 + 16 * j + cols
-            k_ok = offs_k[:, None] < K
-            if EVEN_K:  # no K mask: the loads along K vectorize
-                k_ok = offs_k[:, None] >= 0
-            xt = tl.load(x_ptr + tok[None, :] * stride_xm + offs_k[:, None],
-                         mask=((blk == j) & (tok < M))[None, :] & k_ok, other=0.0)
-            part = _dot(v[j], xt, part, UPCAST)
-        g = c * 8 + blk
-        st = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=n_ok[:, None] & (g < G)[None, :], other=0)
-        st = st.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(DT)
-        acc += part * _dot(st, ident, zero, UPCAST)
-    res = tl.sum(tl.reshape(acc, (BN, 8, 2)), axis=1)  # [BN, 2]: per token
-    res *= tl.load(rs_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    if HAS_BIAS:
-        res += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    offs_m = tl.arange(0, 2)
-    out = out_ptr + tl.program_id(1) * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
-    tl.store(out, res.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_m < M)[None, :])
-
-
-@triton.jit
 def _dense_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn, stride_on,
                   NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
                   BN: tl.constexpr):
@@ -280,7 +232,6 @@ def _dense_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, K, stride_wn, stride_
 # per-block scaling costs BM/16 FMAs per weight in the planar kernel, so it switches earlier.
 # (Measured on an H200: docs/kernel-notes.md.)
 DENSE_MIN_M = {True: 128, False: 512}  # by nvfp4
-GEMV_MAX_M = 2  # NVFP4 up to this many tokens: _nvfp4_gemv_kernel
 
 
 def planar_supported(group: int) -> bool:
@@ -342,23 +293,6 @@ def w4_linear(x: torch.Tensor, planar: torch.Tensor, nvfp4: bool, k: int, scale:
     per_split = triton.cdiv(chunks, t.split)
     split = triton.cdiv(chunks, per_split)
     dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    if nvfp4 and m <= GEMV_MAX_M and rs is not None:
-        _nvfp4_gemv_kernel[(triton.cdiv(n, t.bn), split)](
-            x2, planar, s, rs, bias if bias is not None else planar, dst, m, n, k, s.shape[1], x2.stride(0),
-            planar.stride(0), s.stride(0), n, m * n, per_split, HAS_BIAS=bias is not None and split == 1,
-            EVEN_K=k % CHUNK == 0, USE_ASM=use_asm and not interpreting(), UPCAST=interpreting() and x.dtype == torch.bfloat16, BN=t.bn,
-            num_warps=t.warps, num_stages=t.stages)
-    else:
-        _launch_w4(x2, planar, s, zero, rs, bias, dst, m, n, k, grp, nvfp4, t, split, per_split, use_asm)
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            dst, bias if bias is not None else dst, out, m * n, n, SPLIT=split, HAS_BIAS=bias is not None,
-            BLOCK=block)
-    return out.reshape(*lead, n)
-
-
-def _launch_w4(x2, planar, s, zero, rs, bias, dst, m, n, k, grp, nvfp4, t, split, per_split, use_asm):
     _w4_kernel[(triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn), split)](
         x2, planar, s if s is not None else planar, zero if zero is not None else planar,
         rs if rs is not None else planar, bias if bias is not None else planar, dst,
@@ -366,8 +300,14 @@ def _launch_w4(x2, planar, s, zero, rs, bias, dst, m, n, k, grp, nvfp4, t, split
         zero.stride(0) if zero is not None else 0, n, m * n, per_split,
         NVFP4=nvfp4, GROUP=grp, HAS_ZP=zero is not None, HAS_ROW_SCALE=rs is not None,
         HAS_BIAS=bias is not None and split == 1, EVEN_K=k % CHUNK == 0, USE_ASM=use_asm and not interpreting(),
-        UPCAST=interpreting() and x2.dtype == torch.bfloat16, BM=t.bm, BN=t.bn,
+        UPCAST=interpreting() and x.dtype == torch.bfloat16, BM=t.bm, BN=t.bn,
         num_warps=t.warps, num_stages=t.stages, **({"maxnreg": t.maxnreg} if t.maxnreg and not interpreting() else {}))
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            dst, bias if bias is not None else dst, out, m * n, n, SPLIT=split, HAS_BIAS=bias is not None,
+            BLOCK=block)
+    return out.reshape(*lead, n)
 
 
 def dense_weight(planar: torch.Tensor, nvfp4: bool, k: int, scale: torch.Tensor, zero: torch.Tensor | None,
