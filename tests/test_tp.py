@@ -121,10 +121,16 @@ def _row_inputs(m, dtype):
     return x.to(dtype)
 
 
-def _row_parallel_rank(disks, x, device):
+def _row_parallel_rank(disks, x, device, hook=False):
     """This rank's slice of each layer: its partial output for its columns of x (what it adds to the
     all-reduce), the per-token amax over the whole K, and on a GPU the output of a CUDA graph
-    (all-reduces inside) captured on other data and replayed on x."""
+    (all-reduces inside) captured on other data and replayed on x. hook: through the kernels' hook
+    (lowbit.kernels.linear), whose Triton kernels run interpreted on a CPU."""
+    from lowbit import kernels
+    from lowbit.kernels import dispatch
+
+    if hook:
+        dispatch.available = lambda device=None: True  # in this spawned rank only
     rank, tp = parallel.current()
     xr = x.chunk(tp, dim=-1)[rank].to(device)
     out = {}
@@ -133,7 +139,7 @@ def _row_parallel_rank(disks, x, device):
                       **EMULATE)
         load(layer, {None: disk})
         layer.to(device)
-        out[name] = layer(xr).float().cpu()
+        out[name] = (kernels.linear(layer.method, layer, xr) if hook else layer(xr)).float().cpu()
         if xr.is_cuda:
             out[name, "graph"] = _replayed(layer, xr).float().cpu()
     out["amax"] = parallel.whole_k_amax(xr, layer.spec).cpu()
@@ -176,6 +182,17 @@ def test_row_parallel_layer_quantizes_with_the_unsplit_scales():
     for name, disk in disks.items():
         for rank in range(2):  # fp32: the GEMM sums the same products in another order
             assert rel_err(ranks[rank][name], _rank_reference(name, disk, x, rank, 2)) < 1e-5, (name, rank)
+
+
+def test_row_parallel_w8a8_kernels_quantize_with_the_unsplit_scales():
+    """The kernels' hook routes a row-parallel rank's per-token W8A8 through the all-reduced amax."""
+    x = _row_inputs(6, torch.bfloat16)
+    disks = {name: make_disk(ROW_SCHEMES[name], ROW_N, ROW_K) for name in ("modelopt-fp8-channel-token",
+                                                                            "ct-w8a8-dynamic")}
+    ranks = parallel.launch(2, _row_parallel_rank, disks, x, "cpu", True, backend="gloo")
+    for name, disk in disks.items():
+        for rank in range(2):  # the kernels' bf16 output (a slice's own scale: 2e-2 and more)
+            assert rel_err(ranks[rank][name], _rank_reference(name, disk, x, rank, 2)) < 8e-3, (name, rank)
 
 
 @requires_cuda
