@@ -50,12 +50,12 @@ def run(args) -> int:
 def _listen(host: str, port: int) -> socket.socket:
     from ..errors import LowbitError
 
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
+        sock.close()
         raise LowbitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
 

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import LowbitError
 from ..sampling import SamplingParams
-from .protocol import ApiError, ChatRequest, CompletionRequest, BaseRequest
+from .protocol import ApiError, BaseRequest, ChatRequest, CompletionRequest
 from .worker import Request, Worker
 
 DEFAULT_MAX_LEN = 4096  # positions per KV-cache slot when --max-len is not given (capped by the model's)
