@@ -174,6 +174,8 @@ def _rank_reference(name, disk, x, rank, tp):
 
 
 def test_row_parallel_layer_quantizes_with_the_unsplit_scales():
+    """Per token and per tensor through the all-reduced amax; per group, per NVFP4 block and static
+    on the rank's own slice alone: each rank's products are those of the unsplit layer."""
     x = _row_inputs(6, torch.float32)
     disks = {name: make_disk(s, ROW_N, ROW_K) for name, s in ROW_SCHEMES.items()}
     ranks = parallel.launch(2, _row_parallel_rank, disks, x, "cpu", backend="gloo")
@@ -182,6 +184,15 @@ def test_row_parallel_layer_quantizes_with_the_unsplit_scales():
     for name, disk in disks.items():
         for rank in range(2):  # fp32: the GEMM sums the same products in another order
             assert rel_err(ranks[rank][name], _rank_reference(name, disk, x, rank, 2)) < 1e-5, (name, rank)
+
+
+@pytest.mark.parametrize("name,k,tp,per_rank,unit", [("ct-fp8-block", 384, 2, 192, 128),
+                                                      ("modelopt-nvfp4", 96, 4, 24, 16)])
+def test_a_cut_through_an_activation_group_is_refused(name, k, tp, per_rank, unit):
+    """Dynamic scales per group (FP8 blocks) or per 16-block (NVFP4) stay local only if no rank's
+    slice of K cuts a group."""
+    with pytest.raises(ConfigError, match=f"in_features per rank is {per_rank}, not a multiple of {unit}"):
+        build(ROW_SCHEMES[name], (ROW_N,), k, parallel="row", tp_size=tp, **EMULATE)
 
 
 def test_row_parallel_w8a8_kernels_quantize_with_the_unsplit_scales():
