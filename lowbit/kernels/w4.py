@@ -244,14 +244,14 @@ def pick_tiles(m: int, n: int, k: int, device: torch.device, nvfp4: bool = True)
     """Decode: mma.sync tiles of 2 warps (many CTAs per SM hide the decode's latency); larger M:
     4-warp tiles. K split until the grid holds about 4 CTAs per SM.
 
-    int4 decode on layers too narrow to fill the GPU (qkv, o, down, gate_up; not lm_head) runs
-    with 96 registers and 2 stages instead: 10 CTAs per SM instead of 8, and twice the K split.
-    Measured on an H200 (docs/kernel-notes.md): 5-12% faster there, 7% slower on lm_head; NVFP4
-    needs its registers (slower capped at every shape)."""
+    int4 decode on layers with fewer than two 64-row tiles per SM (qkv, o, down) runs with 96
+    registers and 2 stages instead: 10 CTAs per SM instead of 8, and twice the K split. Measured on
+    an H200 (docs/kernel-notes.md): qkv -5%, down -9%, o +5%; gate_up (12% slower) and lm_head
+    (7% slower) keep the default; NVFP4 needs its registers (slower capped at every shape)."""
     sms, chunks = _sm_count(device), triton.cdiv(k, CHUNK)
     if m <= 16:
         t = Tiles(16, 64, CHUNK, warps=2, stages=4)
-        if not nvfp4 and triton.cdiv(n, t.bn) < 4 * sms:
+        if not nvfp4 and triton.cdiv(n, t.bn) < 2 * sms:
             tiles = triton.cdiv(n, t.bn)
             split = max(1, min(triton.cdiv(8 * sms, tiles), chunks // 2, 16))
             return Tiles(16, 64, CHUNK, split, warps=2, stages=2, maxnreg=96)
