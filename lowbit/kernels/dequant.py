@@ -36,6 +36,23 @@ def join4(v0, v1, v2, v3):
     return tl.reshape(a, (a.shape[0], a.shape[1] * 4))
 
 
+# Inline-PTX decoders take int32 words two at a time (pack=2: $8, $9) plus optional 32-bit operands,
+# and give eight registers of two DT values each (one per K-block or element slot).
+def _constraints(extra_operands: int) -> tl.constexpr:
+    return tl.constexpr(",".join(["=r"] * 8 + ["r"] * (2 + extra_operands)))
+
+
+_WORDS = _constraints(0)
+_WORDS_1 = _constraints(1)
+_WORDS_2 = _constraints(2)
+_EIGHT = tl.constexpr({dt: (dt,) * 8 for dt in (tl.bfloat16, tl.float16)})  # the eight outputs' dtypes
+
+
+@triton.jit
+def _asm8(text: tl.constexpr, constraints: tl.constexpr, args, DT: tl.constexpr):
+    return tl.inline_asm_elementwise(text, constraints, args, dtype=_EIGHT[DT], is_pure=True, pack=2)
+
+
 # ---------------------------------------------------------------- NVFP4
 @triton.jit
 def nvfp4_scale(block_scale, DT: tl.constexpr):
@@ -102,16 +119,10 @@ _E2M1_ASM_FP16 = tl.constexpr(_nvfp4_asm_text(False, scaled=False))
 @triton.jit
 def _nvfp4_asm(units, scale, DT: tl.constexpr):
     if DT == tl.bfloat16:
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            _NVFP4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, scale],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                   tl.bfloat16), is_pure=True, pack=2)
+        v = _asm8(_NVFP4_ASM_BF16, _WORDS_1, (units, scale), DT)
     else:
-        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-            _NVFP4_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [units, scale],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True, pack=2)
-    return join8(v0, v1, v2, v3, v4, v5, v6, v7)
+        v = _asm8(_NVFP4_ASM_FP16, _WORDS_1, (units, scale), DT)
+    return join8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7])
 
 
 @triton.jit
@@ -213,29 +224,17 @@ def _int4_asm(units, offset, scale, DT: tl.constexpr, HAS_SCALE: tl.constexpr):
     # the offset in the lane dtype: (128|1024) + 8 + zp is an exact small integer in bf16 and fp16;
     # the unscaled PTX leaves the scale operand unread
     if DT == tl.bfloat16:
-        args = [units, (offset.to(tl.float32) + 128.0).to(DT), scale.to(DT)]
+        args = (units, (offset.to(tl.float32) + 128.0).to(DT), scale.to(DT))
         if HAS_SCALE:
-            v = tl.inline_asm_elementwise(
-                _INT4_ASM_BF16_S, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args,
-                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                       tl.bfloat16), is_pure=True, pack=2)
+            v = _asm8(_INT4_ASM_BF16_S, _WORDS_2, args, DT)
         else:
-            v = tl.inline_asm_elementwise(
-                _INT4_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args,
-                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                       tl.bfloat16), is_pure=True, pack=2)
+            v = _asm8(_INT4_ASM_BF16, _WORDS_2, args, DT)
     else:
-        args = [units, (offset.to(tl.float32) + 1024.0).to(DT), scale.to(DT)]
+        args = (units, (offset.to(tl.float32) + 1024.0).to(DT), scale.to(DT))
         if HAS_SCALE:
-            v = tl.inline_asm_elementwise(
-                _INT4_ASM_FP16_S, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args,
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                       tl.float16), is_pure=True, pack=2)
+            v = _asm8(_INT4_ASM_FP16_S, _WORDS_2, args, DT)
         else:
-            v = tl.inline_asm_elementwise(
-                _INT4_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", args,
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                       tl.float16), is_pure=True, pack=2)
+            v = _asm8(_INT4_ASM_FP16, _WORDS_2, args, DT)
     return join8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7])
 
 
@@ -272,21 +271,6 @@ def int8_tile(units, offset, scale, DT: tl.constexpr, HAS_SCALE: tl.constexpr):
 # layout and runs the PTX there, with no shared-memory round trip for the decoded weights. The
 # scales are applied to the MMA results instead (w4.py).
 @triton.jit
-def _planar_asm(units, ASM: tl.constexpr, DT: tl.constexpr):
-    if DT == tl.bfloat16:
-        v = tl.inline_asm_elementwise(
-            ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [units],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                   tl.bfloat16), is_pure=True, pack=2)
-    else:
-        v = tl.inline_asm_elementwise(
-            ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [units],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True, pack=2)
-    return v
-
-
-@triton.jit
 def _planar_code(units, j: tl.constexpr, NVFP4: tl.constexpr, DT: tl.constexpr):
     """Nibble j (K-block j) of every element of a planar word tile [R, W], as its value in DT."""
     if NVFP4:
@@ -305,13 +289,13 @@ def planar_tile(units, NVFP4: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.conste
     int4 q = code - 8)."""
     if USE_ASM:
         if NVFP4 and DT == tl.bfloat16:
-            v = _planar_asm(units, _E2M1_ASM_BF16, DT)
+            v = _asm8(_E2M1_ASM_BF16, _WORDS, (units,), DT)
         elif NVFP4:
-            v = _planar_asm(units, _E2M1_ASM_FP16, DT)
+            v = _asm8(_E2M1_ASM_FP16, _WORDS, (units,), DT)
         elif DT == tl.bfloat16:
-            v = _planar_asm(units, _Q4_ASM_BF16, DT)
+            v = _asm8(_Q4_ASM_BF16, _WORDS, (units,), DT)
         else:
-            v = _planar_asm(units, _Q4_ASM_FP16, DT)
+            v = _asm8(_Q4_ASM_FP16, _WORDS, (units,), DT)
     else:
         v = (_planar_code(units, 0, NVFP4, DT), _planar_code(units, 1, NVFP4, DT), _planar_code(units, 2, NVFP4, DT),
              _planar_code(units, 3, NVFP4, DT), _planar_code(units, 4, NVFP4, DT), _planar_code(units, 5, NVFP4, DT),
