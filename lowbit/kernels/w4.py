@@ -69,18 +69,12 @@ def _pair_lanes(words: torch.Tensor) -> torch.Tensor:
     """int4 only: words 2p, 2p+1 (elements 2p, 2p+1 of every K-block) -> one word holding both
     elements of blocks 0-3 (low 16 bits from word 2p, high from 2p+1), the next those of blocks 4-7.
     An MMA operand register holds exactly such an element pair, so the decoder masks each pair
-    out of one word (Marlin's trick) instead of gathering it from two words."""
+    out of one word (Marlin's trick) instead of gathering it from two words. The exchange of 16-bit
+    halves is its own inverse: unprepare_w4 applies it again. words: non-negative int64 < 2^32."""
     a, b = words[..., 0::2], words[..., 1::2]
     lo = (a & 0xFFFF) | ((b & 0xFFFF) << 16)
     hi = (a >> 16) | (b & 0xFFFF0000)
     return torch.stack([lo, hi], -1).flatten(-2)
-
-
-def _unpair_lanes(words: torch.Tensor) -> torch.Tensor:
-    lo, hi = words[..., 0::2], words[..., 1::2]
-    a = (lo & 0xFFFF) | ((hi & 0xFFFF) << 16)
-    b = (lo >> 16) | (hi & 0xFFFF0000)
-    return torch.stack([a, b], -1).flatten(-2)
 
 
 def unprepare_w4(planar: torch.Tensor, nvfp4: bool, k: int) -> torch.Tensor:
@@ -91,7 +85,7 @@ def unprepare_w4(planar: torch.Tensor, nvfp4: bool, k: int) -> torch.Tensor:
     n = planar.shape[0]
     words = planar.to(torch.int64).view(n, -1, 16) & 0xFFFFFFFF
     if not nvfp4:
-        words = _unpair_lanes(words)
+        words = _pair_lanes(words)
     codes = ((words.unsqueeze(-1) >> shifts) & 0xF).transpose(2, 3).reshape(n, -1)[:, :k]
     if nvfp4:
         return pack_e2m1(codes.to(torch.uint8))
@@ -251,8 +245,8 @@ def pick_tiles(m: int, n: int, k: int, device: torch.device, nvfp4: bool = True)
     sms, chunks = _sm_count(device), triton.cdiv(k, CHUNK)
     if m <= 16:
         t = Tiles(16, 64, CHUNK, warps=2, stages=4)
-        if not nvfp4 and triton.cdiv(n, t.bn) < 2 * sms:
-            tiles = triton.cdiv(n, t.bn)
+        tiles = triton.cdiv(n, t.bn)
+        if not nvfp4 and tiles < 2 * sms:
             split = max(1, min(triton.cdiv(8 * sms, tiles), chunks // 2, 16))
             return Tiles(16, 64, CHUNK, split, warps=2, stages=2, maxnreg=96)
     else:
