@@ -1,0 +1,48 @@
+"""How one forward pass uses the caches: the only thing the engine hands the layers.
+
+The engine builds one `ForwardContext` per step; each layer that keeps state between steps asks it
+for its own cache by layer index. `ctx is None` means a cache-less causal forward from position 0
+(`Model.logits`, the reference path).
+
+Cache kinds (what a layer declares through `cache_spec`, what the engine allocates per slot):
+  kv      : {"k": [L, Hkv, D], "v": [L, Hkv, D]} in the compute dtype (float8_e4m3fn for an FP8 cache)
+  state   : named per-slot tensors of a recurrent layer, e.g. {"conv": [C, K-1], "ssm": [H, dk, dv]}
+
+Every per-slot tensor is allocated as [num_slots + 1, *shape]: row `num_slots` is the pad slot that
+takes the writes of a CUDA graph's padding rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What one layer keeps per sequence slot: name -> (shape per slot, dtype)."""
+
+    kind: str  # "kv" | "state"
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    window: int | None = None  # kv only: sliding-window attention (keys older than this are not read)
+
+
+@dataclass
+class ForwardContext:
+    """One step of the engine.
+
+    slots     [B] int64: row b of the batch lives in cache slot slots[b].
+    positions [B, T] int64: absolute position of every token.
+    decode    False: a prefill of fresh sequences (every row starts at position 0 from an empty
+              cache/zero state, and leaves its cache/final state in its slot);
+              True: one new token per row (T == 1), reading and updating the slot's cache/state.
+    caches    layer index -> {name: tensor [num_slots + 1, *shape]} as declared by the layer's CacheSpec.
+    """
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    decode: bool
+    caches: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def cache(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        return self.caches[layer_idx]
