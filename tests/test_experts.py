@@ -92,6 +92,22 @@ def test_each_expert_is_the_2d_unit(name):
         assert check_tensor(spec, TORCH_TO_ST[t.dtype], tuple(t.shape)) is None, role
 
 
+@pytest.mark.parametrize("name", ["modelopt-nvfp4", "ct-nvfp4"])
+def test_nvfp4_w4a4_emulate(name):
+    """W4A4 runs weight-only by default (with the 2-D unit's note) and emulates the activation
+    numerics when asked, exactly as the 2-D unit does."""
+    scheme = SCHEMES[name]
+    experts, disk = build_experts(scheme, activation_quant="emulate")
+    h, i = dims(scheme)
+    unit = build(scheme, (i, i), h, activation_quant="emulate")
+    load(unit, {0: disk[1]["gate_proj"], 1: disk[1]["up_proj"]})
+    x = torch.randn(3, h)
+    assert torch.equal(experts.first.reference(x, 1), unit(x))
+    weight_only, _ = build_experts(scheme, disk=disk)
+    assert not torch.equal(weight_only.first.reference(x, 1), unit(x))
+    assert any("runs weight-only" in n for n in weight_only.notes)
+
+
 def test_scales_stay_per_expert():
     """Experts with different global and input scales keep theirs (no collapse across experts)."""
     scheme = SCHEMES["modelopt-nvfp4"]
