@@ -183,6 +183,14 @@ def test_experts_on_kernels_cuda(name):
     _check_experts(name, "cuda", t=300, num_experts=8, k=2)  # prefill-sized blocks (block_m 64)
 
 
+def test_no_tokens():
+    experts, _ = build_experts(ALL["bf16"], dtype=torch.float16)
+    x = torch.zeros(0, experts.first.spec.hidden, dtype=torch.float16)
+    ids, w = torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2)
+    assert moe.experts_forward(experts, x, ids, w).shape == (0, experts.first.spec.hidden)
+    assert moe.route(torch.zeros(0, 3), Routing(2))[1].shape == (0, 2)
+
+
 def test_reference_only_schemes_fall_back():
     for name in REFERENCE_ONLY:
         experts, _ = build_experts(ALL[name], dtype=torch.bfloat16)

@@ -313,7 +313,7 @@ def grouped_gemm(x: torch.Tensor, ops: StackOperands, sorted_ids: torch.Tensor, 
         raise ValueError(f"grouped_gemm: x has {x.shape[-1]} features, the expert weights {k}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    e, n = ops.units.shape[0], ops.units.shape[1]
+    n = ops.units.shape[1]
     out_dtype = out_dtype or x.dtype
     out = torch.empty((pairs, n), dtype=out_dtype, device=x.device)
     if pairs == 0:
@@ -432,7 +432,7 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     a = act_and_mul(h, activation, gated)
     y = grouped_gemm(a, down, sorted_ids, block_expert, num_padded, 1, pairs, bm,
                      routed_weights=topk_weights.reshape(-1).float().contiguous())
-    return y.view(t, k, -1).sum(dim=1)
+    return y.view(t, k, y.shape[1]).sum(dim=1)
 
 
 # ---------------------------------------------------------------- the stacked-experts unit's hook
@@ -495,4 +495,4 @@ def experts_forward(experts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
     y = fused_experts(x.reshape(-1, x.shape[-1]), topk_ids.reshape(-1, topk_ids.shape[-1]),
                       topk_weights.reshape(-1, topk_weights.shape[-1]), first, down, experts.activation,
                       experts.gated)
-    return y.reshape(*lead, -1)
+    return y.reshape(*lead, y.shape[-1])

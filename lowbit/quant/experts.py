@@ -100,8 +100,6 @@ class _ExpertView:
     def __init__(self, stack: "ExpertLinear", e: int):
         for name in stack.param_names:
             setattr(self, name, getattr(stack, name)[e])
-        if stack.weight_layout is not None:
-            self.weight_layout = stack.weight_layout
 
 
 class ExpertLinear(nn.Module):
@@ -112,7 +110,6 @@ class ExpertLinear(nn.Module):
         self.scheme, self.spec, self.dtype = scheme, spec, dtype
         self.options = options or RunOptions()
         self.method = method_class(scheme)(scheme, spec.linear_spec(), dtype, self.options)
-        self.weight_layout = None
         proto = nn.Module()
         with torch.device("meta"):  # learn the unit's parameters (names, shapes, dtypes) without memory
             self.method.create(proto)
