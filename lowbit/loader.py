@@ -15,7 +15,7 @@ from torch import nn
 from . import parallel
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
-from .models import model_class
+from .models import family
 from .quant.formats import check_tensor, mismatches
 from .quant.base import LinearGroup, LinearSpec, QLinear, RunOptions, TensorSpec
 from .quant.methods import method_class
@@ -86,10 +86,11 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
 
 def build_model(plan: QuantPlan, device, dtype, options: RunOptions, tp_rank: int = 0, tp_size: int = 1):
     """The model with poisoned parameters: (model, linears, on-disk module -> Target, plain parameters)."""
-    parallel.check(plan.model, tp_size)
+    fam = family(plan.model)
+    fam.check_tp(plan.model, tp_size)
     with torch.device(device):
         linears, targets = build_linears(plan, dtype, options, tp_rank, tp_size)
-        model = model_class(plan.model)(plan.model, linears, dtype, tp_size)
+        model = fam.build(plan.model, linears, dtype, tp_size)
     linear_params = {id(p) for g in linears.values() for p in g.parameters()}
     plain = {n: p for n, p in model.named_parameters() if id(p) not in linear_params}
     return model, linears, targets, plain
@@ -159,10 +160,9 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
     kv_fp8 = plan.kv_cache == "fp8" and options.kv_cache != "bf16"
     if plan.kv_cache == "fp8" and not kv_fp8:
         report.notes.append("FP8 KV cache in the checkpoint; kept in the compute dtype (kv_cache='bf16')")
-    for layer in model.model.layers:
-        attn = layer.self_attn
+    for idx, attn in model.attention_layers().items():
         for kind in ("k_scale", "v_scale"):
-            key = f"model.layers.{attn.layer_idx}.self_attn.{kind}"
+            key = f"model.layers.{idx}.self_attn.{kind}"
             tname = plan.kv_scales.get(key)
             if tname is None:
                 if plan.kv_cache == "fp8":

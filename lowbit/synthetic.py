@@ -17,7 +17,7 @@ from .config import parse_model_config
 from .errors import ConfigError
 from .loader import LoadReport, build_model, disk_param_shape, finish_loading, write_param
 from .model import Model, resolve_device
-from .models.layout import linear_slots
+from .models import family
 from .quant.base import RunOptions
 from .quant.numerics import FP8_MAX
 from .quant.resolve import LayerPlan, QuantPlan, expected_params
@@ -96,7 +96,7 @@ def _randn(shape, name: str, seed: int, device, std: float) -> torch.Tensor:
 
 
 def _plan(cfg, scheme: Scheme, lm_head_quant: bool) -> QuantPlan:
-    slots = linear_slots(cfg)
+    slots = family(cfg).linear_slots(cfg)
     layers = {}
     for slot in slots:
         s = scheme if slot.fused_name != "lm_head" or lm_head_quant else unquantized("bf16")
@@ -148,8 +148,8 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
         if kv_cache == "fp8":
             plan.kv_cache = "fp8"
             scale = torch.tensor(ASSUMED_AMAX / FP8_MAX, device=device)
-            for layer in model.model.layers:
-                layer.self_attn.k_scale, layer.self_attn.v_scale = scale, scale
+            for attn in model.attention_layers().values():
+                attn.k_scale, attn.v_scale = scale, scale
     finish_loading(model, linears, report, f"--synthetic {name}")
     model.eval()
     return Model(model, plan, report, None, device, dtype, options)

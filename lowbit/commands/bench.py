@@ -217,9 +217,7 @@ def decode_rate(model, batch: int, prompt: int, steps: int, graphs: bool, weight
     last.get()
     _sync(model.device)
     t = (time.perf_counter() - t0) / steps
-    cfg, cache = model.config, engine.cache
-    kv_per_pos = 2 * cfg.num_layers * cache.k[0].shape[2] * cfg.head_dim * cache.k[0].element_size()
-    kv_bytes = batch * kv_per_pos * (prompt + 3 + steps / 2)  # mean context over the timed steps
+    kv_bytes = batch * engine.cache.read_bytes(prompt + 3 + steps / 2)  # mean context over the timed steps
     gbps = (weight_bytes + kv_bytes) / t / 1e9
     out = {"tok_s": batch / t, "ms_per_step": 1000 * t, "kv_bytes_per_step": int(kv_bytes), "gbps": gbps,
            "share_of_copy_bw": gbps / copy_gbps, "cuda_graphs": engine.cuda_graphs, "notes": engine.notes}

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..config import ModelConfig, parse_model_config
-from ..models.layout import LinearSlot, linear_slots
-from ..names import is_vision, split_tensor_name, to_canonical
+from ..models import family
+from ..models.slots import LinearSlot
+from ..names import is_vision, split_tensor_name
 from .config import QuantConfig, parse_quant_config
 from .base import TensorSpec
 from .formats import FLOAT, check_tensor, expected_tensors, fmt_shape, mismatches
@@ -93,21 +94,14 @@ def module_index(slots: list[LinearSlot]) -> dict[str, tuple[LinearSlot, int | N
 
 
 def expected_params(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical names and shapes of the model's non-linear parameters."""
-    h = (cfg.hidden_size,)
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": h}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = h
-        if cfg.qk_norm:
-            shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (cfg.head_dim,)
-    return shapes
+    """Canonical names and shapes of the model's non-linear parameters (as its family declares them)."""
+    return family(cfg).expected_params(cfg)
 
 
 def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
     cfg = parse_model_config(ckpt.config, where=str(ckpt.path / "config.json"))
     qc = parse_quant_config(ckpt.config, ckpt.hf_quant_config, str(ckpt.path))
-    slots = linear_slots(cfg)
+    slots = family(cfg).linear_slots(cfg)
     plan = QuantPlan(model=cfg, slots=slots, layers={}, params={}, quant_config=qc)
     if qc is not None:
         plan.producer = {"name": qc.producer, "version": qc.version, "algo": qc.algo, "source": qc.source}
@@ -135,6 +129,7 @@ class _Resolver:
     def __init__(self, ckpt: Checkpoint, plan: QuantPlan, qc: QuantConfig | None, trust: bool):
         self.ckpt, self.plan, self.qc, self.trust = ckpt, plan, qc, trust
         self.modules = module_index(plan.slots)
+        self.family = family(plan.model)
 
     def problem(self, layer: str, message: str):
         self.plan.problems.append(Problem(layer, message))
@@ -150,7 +145,7 @@ class _Resolver:
             if is_vision(name):
                 plan.skipped[name] = "vision component (the text model does not use it)"
                 continue
-            canon = to_canonical(name)
+            canon = self.family.sanitize(name)
             leaf = next((lf for lf in SKIP_LEAVES if canon.endswith("." + lf)), None)
             if leaf:
                 plan.skipped[name] = SKIP_LEAVES[leaf]
@@ -286,7 +281,7 @@ class _Resolver:
     def check_kv_scales(self):
         plan = self.plan
         if plan.kv_cache == "fp8":
-            for i in range(plan.model.num_layers):
+            for i in self.family.attention_layers(plan.model):
                 for kind in ("k_scale", "v_scale"):
                     key = f"model.layers.{i}.self_attn.{kind}"
                     if key not in plan.kv_scales:
@@ -319,7 +314,7 @@ class _Resolver:
             return
         known = set(self.modules) | {"lm_head"} | set(on_disk)
         known |= {p.rsplit(".", 1)[0] for p in expected_params(self.plan.model)}
-        known |= {to_canonical(split_tensor_name(n)[0]) for n in self.ckpt.tensors}
+        known |= {self.family.sanitize(split_tensor_name(n)[0]) for n in self.ckpt.tensors}
         for where, pattern in unmatched_entries(self.qc, known):
             msg = (f"{where} entry {pattern!r} matches no module of this checkpoint; it was probably written for "
                    f"another module naming (e.g. a different VLM wrapper) and has no effect")
