@@ -65,6 +65,19 @@ EXPECT = {
     "modelopt-nvfp4-vlm-old": same(MO_NVFP4, layout="vlm-old"),
     "modelopt-w4a16_nvfp4": same(MO_W4A16_NVFP4),
     "modelopt-w4a16_nvfp4-lmhead": same(MO_W4A16_NVFP4, head=MO_W4A16_NVFP4),
+    "base-mistral-bf16": same(BF16),
+    "base-gemma3-bf16": same(BF16, head=None),  # tie_word_embeddings: no lm_head
+    "llmcompressor-w8a8-gemma3": same(CT_W8A8, head=None),
+}
+# Fixtures of families lowbit does not run yet: they must be refused with an error naming the
+# architecture (never half-loaded). Each moves to EXPECT when its family lands.
+PENDING = {
+    "base-qwen3moe-bf16": "Qwen3MoeForCausalLM", "llmcompressor-w4a16-qwen3moe": "Qwen3MoeForCausalLM",
+    "modelopt-nvfp4-qwen3moe": "Qwen3MoeForCausalLM",
+    "base-qwen3_5-bf16": "Qwen3_5", "llmcompressor-nvfp4-qwen3_5": "Qwen3_5", "modelopt-nvfp4-qwen3_5": "Qwen3_5",
+    "modelopt-nvfp4-qwen3_5-vlm": "Qwen3_5",
+    "base-nemotronh-bf16": "NemotronH", "llmcompressor-w4a16-nemotronh": "NemotronH",
+    "modelopt-nvfp4-lmhead-nemotronh": "NemotronH",
 }
 # on-disk spelling of model.* and of lm_head per layout (each README's "How it was made")
 LAYOUTS = {"text": ("model.", "lm_head."), "vlm-new": ("model.language_model.", "lm_head."),
@@ -75,13 +88,21 @@ def test_every_fixture_has_expectations():
     names = all_fixture_names()
     if not names:
         pytest.skip("no fixtures found")
-    assert set(names) == set(EXPECT), "a new fixture needs its expectations written here"
+    assert set(names) == set(EXPECT) | set(PENDING), "a new fixture needs its expectations written here"
+
+
+@pytest.mark.parametrize("name", sorted(PENDING))
+def test_fixtures_of_families_not_yet_run_are_refused_by_name(name):
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"unsupported architecture {PENDING[name]}"):
+        resolve(Checkpoint(fixture_dir(name)))
 
 
 def expected_layers(exp: dict) -> dict[str, Scheme]:
     attn = ("qkv_proj", "o_proj") if exp.get("fused") else ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp = ("gate_up_proj", "down_proj") if exp.get("fused") else ("gate_proj", "up_proj", "down_proj")
-    out = {"lm_head": exp["head"]}
+    out = {} if exp["head"] is None else {"lm_head": exp["head"]}
     for i in range(2):  # every fixture model has 2 decoder layers (fixtures README)
         out |= {f"model.layers.{i}.self_attn.{p}": exp["attn"] for p in attn}
         out |= {f"model.layers.{i}.mlp.{p}": exp["mlp"] for p in mlp}
@@ -111,7 +132,7 @@ def test_fixture_resolves_as_documented(name):
         assert len(plan.slot_parts(slot)) == 1  # no fixture mixes schemes within a fused projection
 
 
-@pytest.mark.parametrize("name", [n for n, e in EXPECT.items() if e["head"] != BF16 and n.startswith("llmcompressor")])
+@pytest.mark.parametrize("name", [n for n, e in EXPECT.items() if e["head"] not in (BF16, None) and n.startswith("llmcompressor")])
 def test_llmcompressor_linear_target_covers_the_head_it_quantized(name):
     """The READMEs: recipe targets="Linear", ignore=[] -> lm_head quantized. lowbit's reading of "Linear" leaves
     the head out (spec section 3); the tensors settle it, and the note says why."""
