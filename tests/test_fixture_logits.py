@@ -30,7 +30,7 @@ from lowbit.names import to_canonical
 W4A4 = ("modelopt-nvfp4", "modelopt-nvfp4-fused", "modelopt-nvfp4-lmhead", "modelopt-nvfp4-phi3",
         "modelopt-nvfp4-vlm-new", "modelopt-nvfp4-vlm-old", "modelopt-mixed", "modelopt-mixed-lmhead",
         "llmcompressor-nvfp4", "llmcompressor-nvfp4-lmhead", "llmcompressor-nvfp4-phi3",
-        "llmcompressor-nvfp4-vlm-old")
+        "llmcompressor-nvfp4-vlm-old", "modelopt-nvfp4-qwen3moe")
 ACT8 = ("modelopt-fp8", "modelopt-fp8-kvfp8", "modelopt-fp8-lmhead", "modelopt-fp8-phi3",
         "llmcompressor-fp8_dynamic", "llmcompressor-fp8_dynamic-lmhead", "llmcompressor-w8a8",
         "llmcompressor-w8a8-lmhead")

@@ -68,12 +68,14 @@ EXPECT = {
     "base-mistral-bf16": same(BF16),
     "base-gemma3-bf16": same(BF16, head=None),  # tie_word_embeddings: no lm_head
     "llmcompressor-w8a8-gemma3": same(CT_W8A8, head=None),
+    # Qwen3-MoE: 4 experts per layer stored per expert; routers (mlp.gate) excluded and bf16
+    "base-qwen3moe-bf16": same(BF16, experts=4),
+    "llmcompressor-w4a16-qwen3moe": same(CT_W4A16, experts=4),
+    "modelopt-nvfp4-qwen3moe": same(MO_NVFP4, experts=4),
 }
 # Fixtures of families lowbit does not run yet: they must be refused with an error naming the
 # architecture (never half-loaded). Each moves to EXPECT when its family lands.
 PENDING = {
-    "base-qwen3moe-bf16": "Qwen3MoeForCausalLM", "llmcompressor-w4a16-qwen3moe": "Qwen3MoeForCausalLM",
-    "modelopt-nvfp4-qwen3moe": "Qwen3MoeForCausalLM",
     "base-qwen3_5-bf16": "Qwen3_5", "llmcompressor-nvfp4-qwen3_5": "Qwen3_5", "modelopt-nvfp4-qwen3_5": "Qwen3_5",
     "modelopt-nvfp4-qwen3_5-vlm": "Qwen3_5",
     "base-nemotronh-bf16": "NemotronH", "llmcompressor-w4a16-nemotronh": "NemotronH",
@@ -105,7 +107,11 @@ def expected_layers(exp: dict) -> dict[str, Scheme]:
     out = {} if exp["head"] is None else {"lm_head": exp["head"]}
     for i in range(2):  # every fixture model has 2 decoder layers (fixtures README)
         out |= {f"model.layers.{i}.self_attn.{p}": exp["attn"] for p in attn}
-        out |= {f"model.layers.{i}.mlp.{p}": exp["mlp"] for p in mlp}
+        if exp.get("experts"):
+            out |= {f"model.layers.{i}.mlp.experts.{e}.{p}": exp["mlp"] for e in range(exp["experts"])
+                    for p in ("gate_proj", "up_proj", "down_proj")}
+        else:
+            out |= {f"model.layers.{i}.mlp.{p}": exp["mlp"] for p in mlp}
     return out
 
 

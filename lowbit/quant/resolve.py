@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..checkpoint import Checkpoint, TensorInfo
 from ..config import ModelConfig, parse_model_config
 from ..models import family
-from ..models.slots import LinearSlot
+from ..models.slots import ExpertSlot, LinearSlot
 from ..names import is_vision, split_tensor_name
 from .config import QuantConfig, parse_quant_config
 from .base import TensorSpec
@@ -34,6 +34,7 @@ class LayerPlan:
     tensors: dict[str, str] = field(default_factory=dict)  # role -> on-disk tensor name
     notes: list[str] = field(default_factory=list)
     reason: str = ""  # which config entry (or override) gave it this scheme
+    expert: int | None = None  # an expert of a stacked-experts slot (None: not an expert, or every expert)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class QuantPlan:
         """How to build one slot: groups of on-disk modules that run as one QLinear each."""
         if slot.fused_name in self.layers and self.layers[slot.fused_name].shard is None:
             return [[self.layers[slot.fused_name]]]
+        if isinstance(slot, ExpertSlot):  # one stack, whatever its experts hold (resolve refuses a mix)
+            return [[lp for lp in self.layers.values() if lp.slot == slot.name]]
         plans = [self.layers[s] for s in slot.shards if s in self.layers]
         groups: list[list[LayerPlan]] = []
         for p in plans:
@@ -86,6 +89,8 @@ def module_index(slots: list[LinearSlot]) -> dict[str, tuple[LinearSlot, int | N
     """canonical on-disk module name -> (slot, shard index or None for fused-on-disk)."""
     idx: dict[str, tuple[LinearSlot, int | None]] = {}
     for slot in slots:
+        if isinstance(slot, ExpertSlot):
+            continue
         if len(slot.shards) > 1:
             idx[slot.fused_name] = (slot, None)
         for i, s in enumerate(slot.shards):
@@ -110,7 +115,10 @@ def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
     r = _Resolver(ckpt, plan, qc, trust_tensors)
     on_disk = r.classify()
     for slot in slots:
-        r.resolve_slot(slot, on_disk)
+        if isinstance(slot, ExpertSlot):
+            r.resolve_experts(slot, on_disk)
+        else:
+            r.resolve_slot(slot, on_disk)
     r.check_kv_scales()
     r.check_params()
     r.check_config_names(on_disk)
@@ -130,6 +138,15 @@ class _Resolver:
         self.ckpt, self.plan, self.qc, self.trust = ckpt, plan, qc, trust
         self.modules = module_index(plan.slots)
         self.family = family(plan.model)
+        # stacked experts: per-expert on-disk module -> (slot, expert, shard); fused form by its tensor name
+        self.experts: dict[str, tuple[ExpertSlot, int, int]] = {}
+        self.fused_experts: dict[str, ExpertSlot] = {}
+        for slot in plan.slots:
+            if isinstance(slot, ExpertSlot):
+                self.fused_experts[f"{slot.prefix}.{slot.fused}"] = slot
+                for e in range(slot.num_experts):
+                    for i, leaf in enumerate(slot.shards):
+                        self.experts[f"{slot.prefix}.{e}.{leaf}"] = (slot, e, i)
 
     def problem(self, layer: str, message: str):
         self.plan.problems.append(Problem(layer, message))
@@ -152,7 +169,11 @@ class _Resolver:
                 continue
             module, role = split_tensor_name(canon)
             kv = KV_MODULE.match(module)
-            if kv and role in KV_SCALE_LEAVES:
+            if canon in self.fused_experts:  # transformers 5's fused experts: one tensor, every expert
+                on_disk.setdefault(canon, {})["weight"] = info
+            elif module in self.experts:
+                on_disk.setdefault(module, {})[role] = info
+            elif kv and role in KV_SCALE_LEAVES:
                 self._kv_scale(kv.group(1), role, name)
             elif module in self.modules:
                 on_disk.setdefault(module, {})[role] = info
@@ -217,6 +238,48 @@ class _Resolver:
             self.plan.notes.append(f"{fused}: shards have different schemes ({desc}): runs unfused, "
                                    f"as {len(parts)} separate projections")
 
+    def resolve_experts(self, slot: ExpertSlot, on_disk: dict[str, dict[str, TensorInfo]]):
+        """Every expert of a stack, each on-disk module by its own name; all must share one scheme."""
+        fused = f"{slot.prefix}.{slot.fused}"
+        if fused in on_disk:
+            info = on_disk[fused]["weight"]
+            scheme = unquantized(ST_FLOAT_NAMES.get(info.dtype, "bf16"))
+            want = (slot.num_experts, slot.out_features, slot.cols)
+            bad = check_tensor(TensorSpec(FLOAT, want), info.dtype, info.shape)
+            if bad:
+                self.problem(fused, f"tensor {info.name}: {bad} (all {slot.num_experts} experts' {slot.fused} "
+                                    f"stacked). Likely cause: config.json's expert count or sizes do not match")
+            split = [m for m in on_disk if m.startswith(slot.prefix + ".") and m != fused
+                     and self.experts.get(m, (None,))[0] is slot]
+            if split:
+                self.problem(fused, f"stored both fused ({info.name}) and per expert ({split[0]}, ...); remove one")
+            self.plan.layers[fused] = LayerPlan(fused, slot.name, None, scheme, {"weight": info.name},
+                                                reason="unquantized (transformers' fused experts)")
+            return
+        missing, plans = [], []
+        for e in range(slot.num_experts):
+            for i, leaf in enumerate(slot.shards):
+                name = f"{slot.prefix}.{e}.{leaf}"
+                if name not in on_disk:
+                    missing.append(name)
+                    continue
+                d = decide(self.qc, name, f"{slot.prefix}.{e}.{slot.fused}" if len(slot.shards) > 1 else None)
+                self.module(name, slot, i, on_disk[name], d, expert=e)
+                plans.append(self.plan.layers[name])
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            self.problem(slot.name, f"no tensors for {len(missing)} expert projection(s) ({shown}) of "
+                                    f"{slot.num_experts} experts; the checkpoint is incomplete, or num_experts in "
+                                    f"config.json is wrong")
+        schemes = {}
+        for p in plans:
+            schemes.setdefault(p.scheme, []).append(p.expert)
+        if len(schemes) > 1:
+            desc = "; ".join(f"{_label(s)}: experts {sorted(set(es))[:6]}" for s, es in schemes.items())
+            self.problem(slot.name, f"the experts of this projection have different schemes ({desc}); a stacked "
+                                    f"expert layer runs one scheme. Fix the config's exclude/targets so that every "
+                                    f"expert of a layer gets the same scheme")
+
     def _fused_decision(self, slot: LinearSlot) -> Decision:
         """A module stored fused on disk: config entries may name it or its shards, but one tensor
         can only have one scheme."""
@@ -235,7 +298,8 @@ class _Resolver:
                                       f"fix its entries to name {slot.fused_name}")
         return whole
 
-    def module(self, name: str, slot: LinearSlot, shard: int | None, infos: dict[str, TensorInfo], d: Decision):
+    def module(self, name: str, slot: LinearSlot, shard: int | None, infos: dict[str, TensorInfo], d: Decision,
+               expert: int | None = None):
         n = slot.shard_sizes[shard] if shard is not None else slot.out_features
         k = slot.in_features
         weight = infos.get("weight")
@@ -264,7 +328,7 @@ class _Resolver:
                 for msg in issues:
                     self.problem(name, f"{msg}; {said}. Likely cause: an incomplete or mixed-up export "
                                        f"(no known scheme fits these tensors: {_holding(infos)})")
-        lp = LayerPlan(name, slot.fused_name, shard, scheme, reason=reason)
+        lp = LayerPlan(name, slot.fused_name, shard, scheme, reason=reason, expert=expert)
         for role, info in infos.items():
             spec = expected.get(role)
             if spec is not None and spec.optional:
