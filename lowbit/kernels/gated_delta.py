@@ -139,16 +139,17 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, use
     u = torch.empty(b, t, hv, dv, dtype=torch.float32, device=q.device)
     nt = triton.cdiv(t, CHUNK)
     prec = _precision(q)
+    warps = 8 if bk * bvf >= 128 * 64 else 4  # Qwen3.5's 128 x 128 heads: keep the [64, 128] fp32 tiles in registers
     _wy_kernel[(nt, b * hv)](k, v, g, beta, w, u, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                              t, hv, hv // hk, dk, dv, NORM=use_qk_l2norm, BT=CHUNK, BK=bk, BV=bvf, PREC=prec,
-                             num_warps=4)
+                             num_warps=warps)
     o = torch.empty(b, t, hv, dv, dtype=q.dtype, device=q.device)
     final = torch.empty(b, hv, dk, dv, dtype=torch.float32, device=q.device)
     h0 = initial_state.float().contiguous() if initial_state is not None else final
     bv = min(bvf, 32)
     _chunk_kernel[(triton.cdiv(dv, bv), b * hv)](
         q, k, w, u, g, o, h0, final, q.stride(0), q.stride(1), t, hv, hv // hk, dk, dv, scale,
-        NORM=use_qk_l2norm, HAS_H0=initial_state is not None, BT=CHUNK, BK=bk, BV=bv, PREC=prec, num_warps=4)
+        NORM=use_qk_l2norm, HAS_H0=initial_state is not None, BT=CHUNK, BK=bk, BV=bv, PREC=prec, num_warps=warps)
     return o, final
 
 
