@@ -103,7 +103,7 @@ def _rule_inputs(b, t, hk, hv, dk, dv, device, dt, correlated=False):
         k = torch.randn(b, 1, hk, dk, device=device) + 0.05 * k
         bb, a = bb.abs() + 4, a - 8
     a_log, dt_bias = torch.rand(hv, device=device) * 2 - 1, torch.randn(hv, device=device)
-    g, beta = gd.gates_ref(a.to(dt), bb.to(dt), a_log.to(dt), dt_bias.to(dt))
+    g, beta = gd.gates(a.to(dt), bb.to(dt), a_log.to(dt), dt_bias.to(dt))
     return q.to(dt), k.to(dt), v.to(dt), g, beta
 
 
@@ -178,6 +178,7 @@ def layer_pair(cfg, layer_idx=0):
     hf = qwen3_5.Qwen3_5GatedDeltaNet(cfg, layer_idx).float().eval()
     with torch.no_grad():
         hf.dt_bias.normal_()
+        hf.A_log.uniform_(-5, 0)  # mild decays (the init draws A up to 16: forgotten within a few tokens)
         hf.norm.weight.normal_(1.0, 0.3)
     sd = hf.state_dict()
     projections = {n: _linear(sd[f"{n}.weight"]) for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",

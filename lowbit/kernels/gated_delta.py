@@ -9,7 +9,7 @@ scaled by d_k^-0.5), v_t, a decay g_t <= 0 (log space) and a write strength beta
 
 Query/key heads are shared by H_v / H_k consecutive value heads (value head h reads key head
 h // (H_v / H_k)), like grouped-query attention. The gates come from the layer's projections:
-g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b) (`gates_ref`).
+g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b) (`gates`).
 
   gated_delta_rule_ref(q, k, v, g, beta, scale=None, initial_state=None, use_qk_l2norm=True)
       -> (o [B, T, H_v, d_v] in q's dtype, final state [B, H_v, d_k, d_v] fp32)
@@ -63,7 +63,7 @@ def l2norm_ref(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def gates_ref(a, b, A_log, dt_bias):
+def gates(a, b, A_log, dt_bias):
     """(g fp32, beta in b's dtype), as transformers' Qwen3.5 layer forms them."""
     beta = b.sigmoid()
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)
@@ -108,7 +108,7 @@ def gated_delta_rule_ref(q, k, v, g, beta, scale=None, initial_state=None, use_q
 
 def gated_delta_rule_decode_ref(q, k, v, a, b, A_log, dt_bias, state, slots, scale=None):
     """One token per row through the reference; state[slots] updated in place."""
-    g, beta = gates_ref(a, b, A_log, dt_bias)
+    g, beta = gates(a, b, A_log, dt_bias)
     o, new = gated_delta_rule_ref(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale,
                                   state[slots], use_qk_l2norm=True)
     state[slots] = new
@@ -267,7 +267,8 @@ if triton is not None:
             att = tl.dot(q, tl.trans(kk), input_precision=PREC)
             att = tl.where(causal, att * tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
             o = tl.dot(q * tl.exp(gc)[:, None], s, input_precision=PREC) + tl.dot(att, v_new, input_precision=PREC)
-            tl.store(o_ptr + base * DV + cv[None, :], o.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])
+            omask = rmask[:, None] & vmask[None, :]
+            tl.store(o_ptr + base * DV + cv[None, :], o.to(o_ptr.dtype.element_ty), mask=omask)
             s = s * tl.exp(g_last) + tl.dot(tl.trans(kk * tl.exp(g_last - gc)[:, None]), v_new, input_precision=PREC)
         tl.store(ht_ptr + hoff, s, mask=hmask)
 

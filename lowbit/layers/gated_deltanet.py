@@ -38,7 +38,7 @@ from torch import nn
 from .. import parallel
 from ..errors import ConfigError
 from ..kernels.conv1d import causal_conv1d, causal_conv1d_update
-from ..kernels.gated_delta import chunk_gated_delta_rule, gated_delta_rule_decode, gates_ref
+from ..kernels.gated_delta import chunk_gated_delta_rule, gated_delta_rule_decode, gates
 from .context import CacheSpec, ForwardContext
 
 PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
@@ -198,7 +198,7 @@ class GatedDeltaNet(nn.Module):
             o = gated_delta_rule_decode(q[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], self.A_log, self.dt_bias,
                                         cache["ssm"], ctx.slots)[:, None]
         else:
-            g, beta = gates_ref(a, b, self.A_log, self.dt_bias)
+            g, beta = gates(a, b, self.A_log, self.dt_bias)
             o, state = chunk_gated_delta_rule(q, k, v, g, beta)
             if cache is not None:
                 cache["ssm"][ctx.slots] = state
