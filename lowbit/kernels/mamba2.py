@@ -117,8 +117,11 @@ def gated_rms_norm_ref(y, z, weight, group_size: int, eps: float, out_dtype):
 
 
 # ------------------------------------------------------------------ public ops
-def _check_last_contiguous(**tensors):
-    for name, t in tensors.items():
+def _check_shapes(x, B, **tensors):
+    """Unit last strides (the kernels index the last dim densely) and heads in whole groups."""
+    if x.shape[-2] % B.shape[-2]:
+        raise ValueError(f"mamba2: {x.shape[-2]} heads are not a multiple of {B.shape[-2]} B/C groups")
+    for name, t in dict(x=x, B=B, **tensors).items():
         if t.stride(-1) != 1:
             raise ValueError(f"mamba2: {name} must be contiguous in its last dim (stride {t.stride()})")
 
@@ -138,11 +141,11 @@ def ssd_scan(x, dt, A_log, B, C, D, dt_bias, dt_limit, state=None, slots=None, l
         return y.to(out_dtype)
     b, t, h, p = x.shape
     g, n = B.shape[-2:]
-    _check_last_contiguous(x=x, dt=dt, B=B, C=C)
+    _check_shapes(x, B, dt=dt, C=C)
     y = torch.empty(b, t, h, p, dtype=out_dtype, device=x.device)
     has_state = state is not None
     st = state if has_state else y  # dummy pointer, never touched
-    sl = slots if has_state else torch.zeros(1, dtype=torch.int64, device=x.device)
+    sl = slots if has_state else torch.zeros(b, dtype=torch.int64, device=x.device)  # read, never used
     bp = min(32, max(16, triton.next_power_of_2(p)))
     bn = max(16, triton.next_power_of_2(n))
     grid = (b, h, triton.cdiv(p, bp))
@@ -166,7 +169,7 @@ def ssd_step(state, slots, x, dt, A_log, B, C, D, dt_bias, dt_limit, out_dtype=N
         return ssd_step_ref(state, slots, x, dt, A_log, B, C, D, dt_bias, dt_limit).to(out_dtype)
     b, h, p = x.shape
     g, n = B.shape[-2:]
-    _check_last_contiguous(x=x, dt=dt, B=B, C=C, state=state)
+    _check_shapes(x, B, dt=dt, C=C, state=state)
     y = torch.empty(b, h, p, dtype=out_dtype, device=x.device)
     bn = triton.next_power_of_2(n)
     bp = max(1, min(triton.next_power_of_2(p), 4096 // bn))
@@ -187,7 +190,8 @@ def gated_rms_norm(y, z, weight, group_size: int, eps: float, out_dtype=None):
         return gated_rms_norm_ref(y, z, weight, group_size, eps, out_dtype)
     i = y.shape[-1]
     y2, z2 = y.reshape(-1, i), z.reshape(-1, i)
-    _check_last_contiguous(y=y2, z=z2)
+    if y2.stride(-1) != 1 or z2.stride(-1) != 1 or i % group_size:
+        raise ValueError(f"gated_rms_norm: need unit last strides and {i} a multiple of group size {group_size}")
     out = torch.empty(y2.shape, dtype=out_dtype, device=y.device)
     block = triton.next_power_of_2(group_size)
     rows = 1 if y.is_cuda else min(64, triton.next_power_of_2(y2.shape[0]))  # the interpreter pays per program
@@ -211,6 +215,17 @@ if triton is not None:
         return tl.where(x > 20.0, x, lp)
 
     @triton.jit
+    def _time_step(raw, bias, lo, hi):
+        return tl.minimum(tl.maximum(_softplus(raw + bias), lo), hi)
+
+    @triton.jit
+    def _state_tile(state_ptr, slot_ptr, row, h, offs_p, offs_n, P, N, ss_s, ss_h, ss_p):
+        """Pointers and mask of this program's [BP, BN] tile of state[slots[row], h] (slot read on the device)."""
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        ptrs = state_ptr + slot * ss_s + h * ss_h + offs_p[:, None] * ss_p + offs_n[None, :]
+        return ptrs, (offs_p[:, None] < P) & (offs_n[None, :] < N)
+
+    @triton.jit
     def _ssd_scan_kernel(
         x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, alog_ptr, d_ptr, dtb_ptr, state_ptr, slot_ptr,
         T, P, N, heads_per_group, dt_lo, dt_hi,
@@ -230,9 +245,7 @@ if triton is not None:
         a = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
         d_skip = tl.load(d_ptr + h).to(tl.float32)
         bias = tl.load(dtb_ptr + h).to(tl.float32)
-        slot = tl.load(slot_ptr + row).to(tl.int64)
-        s_ptrs = state_ptr + slot * ss_s + h * ss_h + offs_p[:, None] * ss_p + offs_n[None, :]
-        s_mask = mp[:, None] & mn[None, :]
+        s_ptrs, s_mask = _state_tile(state_ptr, slot_ptr, row, h, offs_p, offs_n, P, N, ss_s, ss_h, ss_p)
         if LOAD_STATE:
             state = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
         else:
@@ -246,8 +259,7 @@ if triton is not None:
         for c0 in range(0, T, L):
             t = c0 + offs_l
             mt = t < T
-            dt = tl.load(dt_base + t * sdt_t, mask=mt, other=0.0).to(tl.float32) + bias
-            dt = tl.minimum(tl.maximum(_softplus(dt), dt_lo), dt_hi)
+            dt = _time_step(tl.load(dt_base + t * sdt_t, mask=mt, other=0.0).to(tl.float32), bias, dt_lo, dt_hi)
             dt = tl.where(mt, dt, 0.0)  # padding rows: no decay, no input
             cum = tl.cumsum(dt * a, axis=0)  # log-decay from the chunk start (<= 0, decreasing)
             cum_last = tl.sum(tl.where(offs_l == L - 1, cum, 0.0), axis=0)
@@ -289,11 +301,9 @@ if triton is not None:
         mn = offs_n < N
         a = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
         d_skip = tl.load(d_ptr + h).to(tl.float32)
-        dt = tl.load(dt_ptr + row * sdt_b + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
-        dt = tl.minimum(tl.maximum(_softplus(dt), dt_lo), dt_hi)
-        slot = tl.load(slot_ptr + row).to(tl.int64)
-        s_ptrs = state_ptr + slot * ss_s + h * ss_h + offs_p[:, None] * ss_p + offs_n[None, :]
-        s_mask = mp[:, None] & mn[None, :]
+        dt = _time_step(tl.load(dt_ptr + row * sdt_b + h).to(tl.float32), tl.load(dtb_ptr + h).to(tl.float32),
+                        dt_lo, dt_hi)
+        s_ptrs, s_mask = _state_tile(state_ptr, slot_ptr, row, h, offs_p, offs_n, P, N, ss_s, ss_h, ss_p)
         xs = tl.load(x_ptr + row * sx_b + h * sx_h + offs_p, mask=mp, other=0.0).to(tl.float32)
         bm = tl.load(b_ptr + row * sb_b + g * sb_g + offs_n, mask=mn, other=0.0).to(tl.float32)
         cm = tl.load(c_ptr + row * sc_b + g * sc_g + offs_n, mask=mn, other=0.0).to(tl.float32)
