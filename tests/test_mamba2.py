@@ -325,3 +325,25 @@ def test_mixer_cuda_graph_decode():
             outs.append(out.clone())
     err = rel_err(torch.cat(outs, 1), full[:, 10:])
     assert err < 1e-4, err
+
+
+def test_fixture_mixer_tensors_match_parameters():
+    """The tiny real checkpoint's mixer tensors are exactly Mamba2Mixer's parameters (names, shapes),
+    and its config.json (time_step_limit as {"__float__": "Infinity"}) parses."""
+    import json
+
+    from safetensors import safe_open
+
+    from conftest import fixture_dir
+    d = fixture_dir("base-nemotronh-bf16")
+    raw = json.loads((d / "config.json").read_text())
+    cfg = Mamba2Config.from_hf(raw)
+    assert cfg.time_step_limit == (0.0, INF) and in_proj_shard_sizes(cfg) == (512, 512, 64, 64, 8)
+    m = Mamba2Mixer(cfg, 0, {"in_proj": nn.Linear(cfg.hidden_size, sum(in_proj_shard_sizes(cfg)), bias=False),
+                             "out_proj": nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)},
+                    torch.bfloat16)
+    mine = {name: tuple(p.shape) for name, p in m.named_parameters()}
+    prefix = "backbone.layers.0.mixer."
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        disk = {key[len(prefix):]: tuple(f.get_slice(key).get_shape()) for key in f.keys() if key.startswith(prefix)}
+    assert disk == mine
