@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from conftest import requires_cuda
-from lowbit import ops, parallel
+from lowbit import parallel
+from lowbit.kernels import decoder as ops
 from lowbit.errors import ConfigError
 from lowbit.kernels import conv1d as cv
 from lowbit.kernels import gated_delta as gd

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from conftest import requires_cuda
-from lowbit import ops, parallel
+from lowbit import parallel
+from lowbit.kernels import decoder as ops
 from lowbit.errors import ConfigError
 from lowbit.kernels import mamba2 as k
 from lowbit.layers.context import ForwardContext

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from . import decoder as ops
 from ..errors import ConfigError
 
 try:
