@@ -111,10 +111,11 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
                tp_rank: int = 0, tp_size: int = 1, progress: bool = True):
     t0 = time.perf_counter()
     cfg = plan.model
-    if plan.problems and not options.trust_tensors:
+    if plan.problems:  # what resolve() found (inspect shows the same list); with trust_tensors only what it cannot fix
+        trust = any(p.trust_fixes for p in plan.problems)
         raise CheckpointError([str(p) for p in plan.problems],
-                              header=f"{ckpt.path}: config and tensors disagree (pass trust_tensors=True / "
-                                     f"--trust-tensors to resolve from the tensors)")
+                              header=f"{ckpt.path} does not load" + (" (where the config and the tensors disagree, "
+                                     "trust_tensors=True / --trust-tensors resolves from the tensors)" if trust else ""))
     report = LoadReport(skipped=dict(plan.skipped), notes=list(plan.notes))
     model, linears, targets, plain = build_model(plan, device, dtype, options, tp_rank, tp_size)
 

@@ -20,6 +20,7 @@ from .config import QuantConfig, parse_quant_config
 from .base import TensorSpec
 from .formats import FLOAT, check_tensor, expected_tensors, fmt_shape, mismatches
 from .infer import infer_scheme
+from .values import check_values
 from .match import Decision, decide, is_exact, unmatched_entries
 from .scheme import ST_FLOAT_NAMES, Scheme, unquantized
 
@@ -39,6 +40,7 @@ class LayerPlan:
 class Problem:
     layer: str
     message: str
+    trust_fixes: bool = False  # the config and the tensors disagree: trust_tensors resolves from the tensors
 
     def __str__(self):
         return f"{self.layer}: {self.message}"
@@ -120,6 +122,8 @@ def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
     r.check_kv_scales()
     r.check_params()
     r.check_config_names(on_disk)
+    for layer, message in check_values(ckpt, plan):  # scale values: shared with the loader through plan.problems
+        r.problem(layer, message)
     return plan
 
 
@@ -136,8 +140,8 @@ class _Resolver:
         self.ckpt, self.plan, self.qc, self.trust = ckpt, plan, qc, trust
         self.modules = module_index(plan.slots)
 
-    def problem(self, layer: str, message: str):
-        self.plan.problems.append(Problem(layer, message))
+    def problem(self, layer: str, message: str, trust_fixes: bool = False):
+        self.plan.problems.append(Problem(layer, message, trust_fixes))
 
     # -- 1. classify every tensor ----------------------------------------------------------------
     def classify(self) -> dict[str, dict[str, TensorInfo]]:
@@ -264,7 +268,7 @@ class _Resolver:
             elif found is not None:
                 self.problem(name, f"{said}, but the file holds {_label(found)} ({_holding(infos)}). Likely cause: "
                                    f"the config's {RULE_NAMES[d.rule]} does not describe this export; fix the config, "
-                                   f"or pass --trust-tensors to use what the file holds")
+                                   f"or pass --trust-tensors to use what the file holds", trust_fixes=True)
             else:
                 for msg in issues:
                     self.problem(name, f"{msg}; {said}. Likely cause: an incomplete or mixed-up export "
@@ -285,6 +289,13 @@ class _Resolver:
     # -- 4. the rest ---------------------------------------------------------------------------------
     def check_kv_scales(self):
         plan = self.plan
+        for key, name in sorted(plan.kv_scales.items()):
+            layer = int(key.split(".")[2])
+            if layer >= plan.model.num_layers:
+                self.problem(key, f"KV-cache scale {name} is for layer {layer}, but the model has "
+                                  f"{plan.model.num_layers} layers (num_hidden_layers in config.json): config.json "
+                                  f"describes a different model, or the tensor does not belong; remove it or fix "
+                                  f"the config")
         if plan.kv_cache == "fp8":
             for i in range(plan.model.num_layers):
                 for kind in ("k_scale", "v_scale"):
