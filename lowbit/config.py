@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config_checks import check_raw, check_rope
 from .errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = {
@@ -87,6 +88,7 @@ def parse_model_config(config: dict, where: str = "config.json") -> ModelConfig:
             f"{where}: unsupported architecture {', '.join(map(str, names))}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    check_raw(text, where)
     try:
         hidden = int(_req(text, "hidden_size", where))
         heads = int(_req(text, "num_attention_heads", where))
@@ -116,7 +118,7 @@ def parse_model_config(config: dict, where: str = "config.json") -> ModelConfig:
         dtype = parse_dtype(text.get("dtype") or text.get("torch_dtype") or top.get("dtype")
                             or top.get("torch_dtype") or "bfloat16")
         model_type = text.get("model_type", "")
-        return ModelConfig(
+        cfg = ModelConfig(
             architecture=arch,
             family=SUPPORTED_ARCHITECTURES[arch],
             hidden_size=hidden,
@@ -141,5 +143,7 @@ def parse_model_config(config: dict, where: str = "config.json") -> ModelConfig:
             eos_token_ids=eos_ids,
             sliding_window=text.get("sliding_window") if text.get("use_sliding_window", True) else None,
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise ConfigError(f"{where}: malformed value ({e})") from None
+    check_rope(cfg.rope_scaling, cfg.head_dim, cfg.partial_rotary_factor, where)
+    return cfg

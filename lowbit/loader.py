@@ -16,6 +16,7 @@ from . import parallel
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .models import model_class
+from .progress import Bar
 from .quant.formats import check_tensor, mismatches
 from .quant.base import LinearGroup, LinearSpec, QLinear, RunOptions, TensorSpec
 from .quant.methods import method_class
@@ -177,12 +178,8 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
     if violations:
         raise CheckpointError(violations, header=f"{ckpt.path} does not load")
 
-    bar = None
     total = sum(ckpt.tensors[n].nbytes for n, _ in jobs)
-    if progress and total > 256 * 2**20:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, leave=False)
+    bar = Bar(total, f"loading {ckpt.path.name}", scale_bytes=True, enabled=progress and total > 256 * 2**20)
     for tname, write in jobs:
         t = ckpt.read(tname)
         note = write(t)
@@ -190,10 +187,8 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             report.notes.append(f"{tname}: {note}")
         report.tensors_read += 1
         report.bytes_read += ckpt.tensors[tname].nbytes
-        if bar:
-            bar.update(ckpt.tensors[tname].nbytes)
-    if bar:
-        bar.close()
+        bar.update(ckpt.tensors[tname].nbytes)
+    bar.close()
 
     finish_loading(model, linears, report, ckpt.path)
     report.seconds = time.perf_counter() - t0
