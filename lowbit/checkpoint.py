@@ -168,7 +168,8 @@ def _load_json(path: Path, what: str = "config") -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; fix or re-download the file") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, found a JSON {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a JSON object, found a JSON {type(data).__name__}; fix or re-download "
+                          f"the file")
     return data
 
 
@@ -204,7 +205,8 @@ class Checkpoint:
             raise LowbitError(f"{self.path} is not a directory (expected a Hugging Face checkpoint folder)")
         cfg = self.path / "config.json"
         if not cfg.exists() and not cfg.is_symlink():
-            raise ConfigError(f"{self.path}: no config.json (is this a Hugging Face checkpoint folder?)")
+            raise ConfigError(f"{self.path}: no config.json, so this is not a Hugging Face checkpoint folder; give the "
+                              f"folder that holds config.json and the *.safetensors files")
         self.config: dict = _load_json(cfg)
         hq = self.path / "hf_quant_config.json"
         self.hf_quant_config: dict | None = _load_json(hq) if hq.exists() or hq.is_symlink() else None

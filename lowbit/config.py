@@ -68,7 +68,7 @@ class ModelConfig:
 
 def _req(cfg: dict, key: str, where: str):
     if key not in cfg:
-        raise ConfigError(f"{where}: missing required key {key!r}")
+        raise ConfigError(f"{where}: missing required key {key!r}; fix config.json (copy it from the original model)")
     return cfg[key]
 
 

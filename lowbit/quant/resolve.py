@@ -215,7 +215,8 @@ class _Resolver:
             hint = ("; if the head shares the embedding, set tie_word_embeddings to true in config.json"
                     if s == "lm_head" else "")
             alt = f" (or {fused} stored fused)" if len(shards) > 1 else ""
-            self.problem(s, f"no tensors for this projection{alt}; the checkpoint is incomplete{hint}")
+            self.problem(s, f"no tensors for this projection{alt}; the checkpoint is incomplete: re-download or "
+                                f"re-export it{hint}")
         for i, s in enumerate(shards):
             if s in on_disk:
                 owner = fused if len(shards) > 1 else None
@@ -272,7 +273,8 @@ class _Resolver:
             else:
                 for msg in issues:
                     self.problem(name, f"{msg}; {said}. Likely cause: an incomplete or mixed-up export "
-                                       f"(no known scheme fits these tensors: {_holding(infos)})")
+                                       f"(no known scheme fits these tensors: {_holding(infos)}): re-export the "
+                                       f"checkpoint, or fix config.json if it describes another model")
         lp = LayerPlan(name, slot.fused_name, shard, scheme, reason=reason)
         for role, info in infos.items():
             spec = expected.get(role)
@@ -316,13 +318,15 @@ class _Resolver:
             name = self.plan.params.get(canon)
             if name is None:
                 self.problem(canon.rsplit(".", 1)[0], f"missing tensor {canon} (a parameter of {arch}, expected "
-                                                      f"{fmt_shape(shape)}); the checkpoint is incomplete")
+                                                      f"{fmt_shape(shape)}); the checkpoint is incomplete: "
+                                                      f"re-download or re-export it")
                 continue
             info = self.ckpt.tensors[name]
             bad = check_tensor(TensorSpec(FLOAT, shape), info.dtype, info.shape)
             if bad:
                 self.problem(canon.rsplit(".", 1)[0], f"tensor {name}: {bad} (a parameter of {arch}). Likely "
-                                                      f"cause: config.json does not describe this checkpoint")
+                                                      f"cause: config.json does not describe this checkpoint: "
+                                                      f"fix it (or use the config of the model it was made from)")
 
     def check_config_names(self, on_disk: dict[str, dict[str, TensorInfo]]):
         """Config entries that name no module: the config was written for another naming (vLLM #54547)."""

@@ -83,6 +83,6 @@ def _shape_problem(ckpt: Checkpoint, info: TensorInfo, expected: list[int]) -> s
     found = [int(x) for x in ckpt.read(info.name).reshape(-1).tolist()]
     if found != expected:
         return (f"weight_shape {info.name} ({info.file}) records the unpacked weight as {found}, but this module "
-                f"is {expected}: the checkpoint was packed for another shape (config.json describes a different "
-                f"model) or the export is corrupt")
+                f"is {expected}: the checkpoint was packed for another shape (fix config.json if it describes a "
+                f"different model) or the export is corrupt (re-export it)")
     return None
