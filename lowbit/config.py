@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config_checks import check_raw, check_rope
 from .errors import ConfigError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -67,7 +68,7 @@ class ModelConfig:
 
 def _req(cfg: dict, key: str, where: str):
     if key not in cfg:
-        raise ConfigError(f"{where}: missing required key {key!r}")
+        raise ConfigError(f"{where}: missing required key {key!r}; fix config.json (copy it from the original model)")
     return cfg[key]
 
 
@@ -81,10 +82,14 @@ def parse_model_config(config: dict, where: str = "config.json") -> ModelConfig:
     from .models import family_for
 
     fam, arch = family_for(config, where)
+    text = text_config(config)
+    check_raw(text, where)
     try:
-        return fam.parse_config(text_config(config), config, arch, where)
-    except (TypeError, ValueError, KeyError) as e:
+        cfg = fam.parse_config(text, config, arch, where)
+    except (TypeError, ValueError, KeyError, ArithmeticError) as e:
         raise ConfigError(f"{where}: malformed value ({e})") from None
+    check_rope(cfg.rope_scaling, cfg.head_dim, cfg.partial_rotary_factor, where)
+    return cfg
 
 
 def normalize_rope(params, theta, scaling, where: str) -> tuple[float, dict | None]:

@@ -8,6 +8,7 @@ import re
 from collections import defaultdict
 
 from .checkpoint import Checkpoint
+from .errors import group_lines, index_ranges
 from .quant.resolve import LayerPlan, QuantPlan, resolve
 
 MAIN_ROLES = ("weight", "weight_packed", "bias")  # everything else of a projection is a scale/metadata tensor
@@ -149,12 +150,7 @@ def _rows(layers: list[dict]) -> list[list[str]]:
         name, cells, in_layers = key
         if in_layers:
             idx = groups[key]
-            runs, start = [], idx[0]
-            for a, b in zip(idx, idx[1:] + [None]):
-                if b != a + 1:
-                    runs.append(str(start) if start == a else f"{start}-{a}")
-                    start = b
-            name = f"model.layers.{{{','.join(runs)}}}.{name}" if len(idx) > 1 else f"model.layers.{idx[0]}.{name}"
+            name = f"model.layers.{{{index_ranges(idx)}}}.{name}" if len(idx) > 1 else f"model.layers.{idx[0]}.{name}"
         rows.append([name, *cells])
     return rows
 
@@ -188,7 +184,7 @@ def render(rep: dict) -> str:
         lines += ["", "notes"] + [f"  - {n}" for n in rep["notes"]]
     if rep["problems"]:
         lines += ["", f"problems ({len(rep['problems'])}): this checkpoint does not load as is"]
-        lines += [f"  - {p['layer']}: {p['message']}" for p in rep["problems"]]
+        lines += [f"  - {p}" for p in group_lines([f"{p['layer']}: {p['message']}" for p in rep["problems"]])]
     else:
         lines += ["", "no problems: loadable"]
     return "\n".join(lines)

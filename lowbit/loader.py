@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .models import family
 from .models.slots import ExpertSlot
+from .progress import Bar
 from .quant.formats import check_tensor, mismatches
 from .quant.base import LinearGroup, LinearSpec, QLinear, RunOptions, TensorSpec
 from .quant.methods import method_class
@@ -163,10 +164,11 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
                tp_rank: int = 0, tp_size: int = 1, progress: bool = True):
     t0 = time.perf_counter()
     cfg = plan.model
-    if plan.problems and not options.trust_tensors:
+    if plan.problems:  # what resolve() found (inspect shows the same list); with trust_tensors only what it cannot fix
+        trust = any(p.trust_fixes for p in plan.problems)
         raise CheckpointError([str(p) for p in plan.problems],
-                              header=f"{ckpt.path}: config and tensors disagree (pass trust_tensors=True / "
-                                     f"--trust-tensors to resolve from the tensors)")
+                              header=f"{ckpt.path} does not load" + (" (where the config and the tensors disagree, "
+                                     "trust_tensors=True / --trust-tensors resolves from the tensors)" if trust else ""))
     report = LoadReport(skipped=dict(plan.skipped), notes=list(plan.notes))
     model, linears, targets, plain = build_model(plan, device, dtype, options, tp_rank, tp_size)
 
@@ -226,12 +228,8 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
     if violations:
         raise CheckpointError(violations, header=f"{ckpt.path} does not load")
 
-    bar = None
     total = sum(ckpt.tensors[n].nbytes for n, _ in jobs)
-    if progress and total > 256 * 2**20:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, leave=False)
+    bar = Bar(total, f"loading {ckpt.path.name}", scale_bytes=True, enabled=progress and total > 256 * 2**20)
     for tname, write in jobs:
         t = ckpt.read(tname)
         note = write(t)
@@ -239,10 +237,8 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             report.notes.append(f"{tname}: {note}")
         report.tensors_read += 1
         report.bytes_read += ckpt.tensors[tname].nbytes
-        if bar:
-            bar.update(ckpt.tensors[tname].nbytes)
-    if bar:
-        bar.close()
+        bar.update(ckpt.tensors[tname].nbytes)
+    bar.close()
 
     finish_loading(model, linears, report, ckpt.path)
     report.seconds = time.perf_counter() - t0

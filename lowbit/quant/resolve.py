@@ -21,6 +21,7 @@ from .config import QuantConfig, parse_quant_config
 from .base import TensorSpec
 from .formats import FLOAT, check_tensor, expected_tensors, fmt_shape, mismatches
 from .infer import infer_scheme
+from .values import check_values
 from .match import Decision, decide, is_exact, unmatched_entries
 from .scheme import ST_FLOAT_NAMES, Scheme, unquantized
 
@@ -41,6 +42,7 @@ class LayerPlan:
 class Problem:
     layer: str
     message: str
+    trust_fixes: bool = False  # the config and the tensors disagree: trust_tensors resolves from the tensors
 
     def __str__(self):
         return f"{self.layer}: {self.message}"
@@ -122,6 +124,8 @@ def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
     r.check_kv_scales()
     r.check_params()
     r.check_config_names(on_disk)
+    for layer, message in check_values(ckpt, plan):  # scale values: shared with the loader through plan.problems
+        r.problem(layer, message)
     return plan
 
 
@@ -148,8 +152,8 @@ class _Resolver:
                     for i, leaf in enumerate(slot.shards):
                         self.experts[f"{slot.prefix}.{e}.{leaf}"] = (slot, e, i)
 
-    def problem(self, layer: str, message: str):
-        self.plan.problems.append(Problem(layer, message))
+    def problem(self, layer: str, message: str, trust_fixes: bool = False):
+        self.plan.problems.append(Problem(layer, message, trust_fixes))
 
     # -- 1. classify every tensor ----------------------------------------------------------------
     def classify(self) -> dict[str, dict[str, TensorInfo]]:
@@ -227,7 +231,8 @@ class _Resolver:
             hint = ("; if the head shares the embedding, set tie_word_embeddings to true in config.json"
                     if s == "lm_head" else "")
             alt = f" (or {fused} stored fused)" if len(shards) > 1 else ""
-            self.problem(s, f"no tensors for this projection{alt}; the checkpoint is incomplete{hint}")
+            self.problem(s, f"no tensors for this projection{alt}; the checkpoint is incomplete: re-download or "
+                                f"re-export it{hint}")
         for i, s in enumerate(shards):
             if s in on_disk:
                 owner = fused if len(shards) > 1 else None
@@ -323,11 +328,12 @@ class _Resolver:
             elif found is not None:
                 self.problem(name, f"{said}, but the file holds {_label(found)} ({_holding(infos)}). Likely cause: "
                                    f"the config's {RULE_NAMES[d.rule]} does not describe this export; fix the config, "
-                                   f"or pass --trust-tensors to use what the file holds")
+                                   f"or pass --trust-tensors to use what the file holds", trust_fixes=True)
             else:
                 for msg in issues:
                     self.problem(name, f"{msg}; {said}. Likely cause: an incomplete or mixed-up export "
-                                       f"(no known scheme fits these tensors: {_holding(infos)})")
+                                       f"(no known scheme fits these tensors: {_holding(infos)}): re-export the "
+                                       f"checkpoint, or fix config.json if it describes another model")
         lp = LayerPlan(name, slot.fused_name, shard, scheme, reason=reason, expert=expert)
         for role, info in infos.items():
             spec = expected.get(role)
@@ -344,6 +350,13 @@ class _Resolver:
     # -- 4. the rest ---------------------------------------------------------------------------------
     def check_kv_scales(self):
         plan = self.plan
+        for key, name in sorted(plan.kv_scales.items()):
+            layer = int(key.split(".")[2])
+            if layer >= plan.model.num_layers:
+                self.problem(key, f"KV-cache scale {name} is for layer {layer}, but the model has "
+                                  f"{plan.model.num_layers} layers (num_hidden_layers in config.json): config.json "
+                                  f"describes a different model, or the tensor does not belong; remove it or fix "
+                                  f"the config")
         if plan.kv_cache == "fp8":
             for i in self.family.attention_layers(plan.model):
                 for kind in ("k_scale", "v_scale"):
@@ -364,13 +377,15 @@ class _Resolver:
             name = self.plan.params.get(canon)
             if name is None:
                 self.problem(canon.rsplit(".", 1)[0], f"missing tensor {canon} (a parameter of {arch}, expected "
-                                                      f"{fmt_shape(shape)}); the checkpoint is incomplete")
+                                                      f"{fmt_shape(shape)}); the checkpoint is incomplete: "
+                                                      f"re-download or re-export it")
                 continue
             info = self.ckpt.tensors[name]
             bad = check_tensor(TensorSpec(FLOAT, shape), info.dtype, info.shape)
             if bad:
                 self.problem(canon.rsplit(".", 1)[0], f"tensor {name}: {bad} (a parameter of {arch}). Likely "
-                                                      f"cause: config.json does not describe this checkpoint")
+                                                      f"cause: config.json does not describe this checkpoint: "
+                                                      f"fix it (or use the config of the model it was made from)")
 
     def check_config_names(self, on_disk: dict[str, dict[str, TensorInfo]]):
         """Config entries that name no module: the config was written for another naming (vLLM #54547)."""
