@@ -40,6 +40,15 @@ FAMILIES = {
                                                                                              "rope_theta": 1e6},
                                                                           "sliding_attention": {"rope_type": "default",
                                                                                                 "rope_theta": 1e4}})),
+    # Qwen3.5: Gated DeltaNet + gated full attention (transformers' torch fallback for the linear layers)
+    "qwen3_5": ("Qwen3_5ForCausalLM", "qwen3_5_text", dict(
+        head_dim=16, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+        linear_conv_kernel_dim=4, partial_rotary_factor=0.5)),
+    "qwen3_5-moe": ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", dict(
+        head_dim=16, num_hidden_layers=2, full_attention_interval=2, linear_num_key_heads=2,
+        linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)),
 }
 PROMPT = 13  # tokens; longer than every sliding window above
 

@@ -31,6 +31,11 @@ W4A4 = ("modelopt-nvfp4", "modelopt-nvfp4-fused", "modelopt-nvfp4-lmhead", "mode
         "modelopt-nvfp4-vlm-new", "modelopt-nvfp4-vlm-old", "modelopt-mixed", "modelopt-mixed-lmhead",
         "llmcompressor-nvfp4", "llmcompressor-nvfp4-lmhead", "llmcompressor-nvfp4-phi3",
         "llmcompressor-nvfp4-vlm-old", "modelopt-nvfp4-qwen3moe")
+# Qwen3.5 W4A4: measured 0.199 (ModelOpt, emulate) and 0.205 (llm-compressor, auto; emulate 0.218). The
+# activation quantizers sit on every projection of 4 layers incl. the Gated DeltaNet ones, and the
+# bf16 model alone differs by 0.0075; ModelOpt's own two references (pre-export fake-quant vs the
+# export) differ by 0.285, quantization moves the logits 0.30 from the bf16 base
+W4A4_HYBRID = ("modelopt-nvfp4-qwen3_5", "modelopt-nvfp4-qwen3_5-vlm", "llmcompressor-nvfp4-qwen3_5")
 ACT8 = ("modelopt-fp8", "modelopt-fp8-kvfp8", "modelopt-fp8-lmhead", "modelopt-fp8-phi3",
         "llmcompressor-fp8_dynamic", "llmcompressor-fp8_dynamic-lmhead", "llmcompressor-w8a8",
         "llmcompressor-w8a8-lmhead")
@@ -49,6 +54,8 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def lowbit_bound(name: str) -> tuple[str, float]:
     """(activation_quant mode, relative-L2 bound) for comparison 1."""
+    if name in W4A4_HYBRID:
+        return ("emulate" if name.startswith("modelopt") else "auto"), 0.25
     if name in W4A4:
         # emulate = the reference's W4A4 activation numerics; NVFP4 activations turn small model-level
         # rounding differences into 11-18% (measured 0.066-0.175), as spec section 8 describes
@@ -60,7 +67,7 @@ def lowbit_bound(name: str) -> tuple[str, float]:
         return "auto", 0.08
     if name == "base-gemma3-bf16":  # (1 + w) norms at every sublayer round once more: measured 0.0098
         return "auto", 0.015
-    return "auto", 0.01  # unquantized and weight-only: measured 0.0063-0.0066, the bf16 model floor
+    return "auto", 0.01  # unquantized and weight-only: measured 0.0063-0.0075 (Qwen3.5), the bf16 model floor
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import requires_cuda
 from lowbit import parallel
-from lowbit.kernels import decoder as ops
+from lowbit.kernels import decoder
 from lowbit.errors import ConfigError
 from lowbit.kernels import conv1d as cv
 from lowbit.kernels import gated_delta as gd
@@ -38,9 +38,9 @@ def device(request, monkeypatch):
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
         return "cuda"
-    if not ops.INTERPRET:
+    if not decoder.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 before triton loads")
-    monkeypatch.setattr(ops, "interpret_on_cpu", True)
+    monkeypatch.setattr(decoder, "interpret_on_cpu", True)
     return "cpu"
 
 
@@ -193,7 +193,7 @@ def layer_pair(cfg, layer_idx=0):
 
 
 def make_ctx(layer, cfg, num_slots, slots, t, decode, start=0):
-    spec = GatedDeltaNet.cache_spec(cfg, torch.float32)
+    spec = GatedDeltaNet.state_spec(cfg, torch.float32)
     assert spec.kind == "state"
     caches = {layer.layer_idx: {n: torch.randn(num_slots + 1, *shape, dtype=dt) for n, (shape, dt) in
                                 spec.tensors.items()}}  # garbage: a prefill must not read it
@@ -204,9 +204,9 @@ def make_ctx(layer, cfg, num_slots, slots, t, decode, start=0):
 @pytest.mark.parametrize("kernels", [False, True], ids=["reference", "triton"])
 def test_layer_matches_transformers(kernels, monkeypatch):
     if kernels:
-        if not ops.INTERPRET:
+        if not decoder.INTERPRET:
             pytest.skip("needs TRITON_INTERPRET=1 before triton loads")
-        monkeypatch.setattr(ops, "interpret_on_cpu", True)
+        monkeypatch.setattr(decoder, "interpret_on_cpu", True)
     cfg = tiny_config()
     hf, ours = layer_pair(cfg, layer_idx=0)
     x = torch.randn(2, 70, cfg.hidden_size) if not kernels else torch.randn(1, 65, cfg.hidden_size)
@@ -221,9 +221,9 @@ def test_layer_matches_transformers(kernels, monkeypatch):
 def test_cached_decode_equals_full_forward(kernels, monkeypatch):
     """Prefill of the first p tokens into slots, then one token at a time, equals the cache-less forward."""
     if kernels:
-        if not ops.INTERPRET:
+        if not decoder.INTERPRET:
             pytest.skip("needs TRITON_INTERPRET=1 before triton loads")
-        monkeypatch.setattr(ops, "interpret_on_cpu", True)
+        monkeypatch.setattr(decoder, "interpret_on_cpu", True)
     cfg = tiny_config(linear_num_key_heads=1, linear_num_value_heads=2)
     _, layer = layer_pair(cfg, layer_idx=3)
     t = 12 if not kernels else 5
@@ -231,7 +231,7 @@ def test_cached_decode_equals_full_forward(kernels, monkeypatch):
     slots = torch.tensor([2, 0])
     with torch.no_grad():
         with monkeypatch.context() as m:
-            m.setattr(ops, "interpret_on_cpu", False)
+            m.setattr(decoder, "interpret_on_cpu", False)
             full = layer(x, None)  # the reference path
         for p in ((1, 2, 7) if not kernels else (2,)):  # 2 < K-1: the conv tail starts with zeros
             ctx = make_ctx(layer, cfg, 3, slots, p, decode=False)
@@ -277,11 +277,11 @@ def test_layer_errors():
     with pytest.raises(ConfigError, match="one token per row"):
         layer(torch.randn(1, 2, cfg.hidden_size), ctx)
     with pytest.raises(ConfigError, match="tensor-parallel size 3"):
-        GatedDeltaNet.cache_spec(cfg, torch.float32, tp_size=3)
+        GatedDeltaNet.state_spec(cfg, torch.float32, tp_size=3)
     with pytest.raises(ConfigError, match="projections"):
         GatedDeltaNet(cfg, 0, {}, torch.float32)
     with pytest.raises(ConfigError, match="hidden_act='gelu'"):
-        GatedDeltaNet.cache_spec(tiny_config(hidden_act="gelu"), torch.float32)
+        GatedDeltaNet.state_spec(tiny_config(hidden_act="gelu"), torch.float32)
 
 
 @pytest.fixture(autouse=True)

@@ -72,12 +72,17 @@ EXPECT = {
     "base-qwen3moe-bf16": same(BF16, experts=4),
     "llmcompressor-w4a16-qwen3moe": same(CT_W4A16, experts=4),
     "modelopt-nvfp4-qwen3moe": same(MO_NVFP4, experts=4),
+    # Qwen3.5: 4 layers, linear_attention x3 then full_attention (base README). `linear`: the scheme of
+    # in_proj_qkv/in_proj_z/out_proj; in_proj_a/in_proj_b are bf16 in every export (ModelOpt's
+    # exclude_modules lists them; the llm-compressor recipe ignores 're:.*linear_attn.*' altogether)
+    "base-qwen3_5-bf16": same(BF16, linear=BF16),
+    "llmcompressor-nvfp4-qwen3_5": same(CT_NVFP4, linear=BF16),
+    "modelopt-nvfp4-qwen3_5": same(MO_NVFP4, linear=MO_NVFP4),
+    "modelopt-nvfp4-qwen3_5-vlm": same(MO_NVFP4, linear=MO_NVFP4, layout="vlm-new"),  # + model.visual.* skipped
 }
 # Fixtures of families lowbit does not run yet: they must be refused with an error naming the
 # architecture (never half-loaded). Each moves to EXPECT when its family lands.
 PENDING = {
-    "base-qwen3_5-bf16": "Qwen3_5", "llmcompressor-nvfp4-qwen3_5": "Qwen3_5", "modelopt-nvfp4-qwen3_5": "Qwen3_5",
-    "modelopt-nvfp4-qwen3_5-vlm": "Qwen3_5",
     "base-nemotronh-bf16": "NemotronH", "llmcompressor-w4a16-nemotronh": "NemotronH",
     "modelopt-nvfp4-lmhead-nemotronh": "NemotronH",
 }
@@ -105,8 +110,14 @@ def expected_layers(exp: dict) -> dict[str, Scheme]:
     attn = ("qkv_proj", "o_proj") if exp.get("fused") else ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp = ("gate_up_proj", "down_proj") if exp.get("fused") else ("gate_proj", "up_proj", "down_proj")
     out = {} if exp["head"] is None else {"lm_head": exp["head"]}
-    for i in range(2):  # every fixture model has 2 decoder layers (fixtures README)
-        out |= {f"model.layers.{i}.self_attn.{p}": exp["attn"] for p in attn}
+    hybrid = "linear" in exp  # Qwen3.5: layers 0-2 Gated DeltaNet, layer 3 full attention
+    for i in range(4 if hybrid else 2):  # every other fixture model has 2 decoder layers (fixtures README)
+        if hybrid and i < 3:
+            out |= {f"model.layers.{i}.linear_attn.{p}": exp["linear"]
+                    for p in ("in_proj_qkv", "in_proj_z", "out_proj")}
+            out |= {f"model.layers.{i}.linear_attn.{p}": BF16 for p in ("in_proj_a", "in_proj_b")}
+        else:
+            out |= {f"model.layers.{i}.self_attn.{p}": exp["attn"] for p in attn}
         if exp.get("experts"):
             out |= {f"model.layers.{i}.mlp.experts.{e}.{p}": exp["mlp"] for e in range(exp["experts"])
                     for p in ("gate_proj", "up_proj", "down_proj")}

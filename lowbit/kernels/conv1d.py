@@ -16,15 +16,15 @@ a sequence is its last K-1 inputs, oldest first: state[c, j] = x[T - (K-1) + j, 
 `*_ref` are the plain-PyTorch references (transformers' `causal_conv1d_fn` / `causal_conv1d_update`:
 F.conv1d in the weight's dtype, the activation, cast to x's dtype). The Triton kernels accumulate in
 fp32, round the convolution to x's dtype and apply SiLU in fp32 rounded once, like eager PyTorch.
-They run on CUDA tensors, and on CPU tensors in Triton's interpreter when `lowbit.kernels.decoder.interpret_on_cpu`
-is set with TRITON_INTERPRET=1 (tests).
+They run on CUDA tensors, and on CPU tensors in Triton's interpreter when
+`lowbit.kernels.decoder.interpret_on_cpu` is set with TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import decoder as ops
+from . import decoder
 from ..errors import ConfigError
 
 try:
@@ -83,7 +83,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
 # ------------------------------------------------------------------ public functions
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None):
     """[B, T, C] -> (y [B, T, C], final_state [B, C, K-1]); see the module docstring."""
-    if not ops.use_triton(x):
+    if not decoder.use_triton(x):
         return causal_conv1d_ref(x, weight, bias, activation, initial_state)
     _check(x, weight, bias, activation, -1, "causal_conv1d")
     if initial_state is not None:
@@ -105,7 +105,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None):
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, slots=None):
     """x [B, C] -> y [B, C]; conv_state [S+1, C, K-1] read and written at rows slots (or [B, C, K-1]
     at rows 0..B-1 when slots is None), in place. No host syncs."""
-    if not ops.use_triton(x):
+    if not decoder.use_triton(x):
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, slots)
     _check(x, weight, bias, activation, -1, "causal_conv1d_update")
     b, c = x.shape

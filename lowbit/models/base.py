@@ -7,6 +7,7 @@ question the rest of lowbit asks about an architecture:
   linear_slots     the projections (fused/split shards, expert stacks) resolve() and the loader fill
   expected_params  the plain parameters (embeddings, norms, ...) with their shapes
   sanitize         on-disk tensor name -> canonical name (VLM wrappers, `backbone.*`, ...)
+  skip             on-disk tensors the family knowingly leaves unused, with the reason (Qwen3.5's MTP head)
   check_tp         which tensor-parallel sizes the model splits into
   build            the nn.Module (a `DecoderModel`)
 The model it builds exposes `forward(ids, positions, ctx)`, `compute_logits`, `cache_specs` (what the
@@ -47,6 +48,10 @@ class Family:
     def sanitize(self, name: str) -> str:
         """An on-disk tensor name -> its canonical name."""
         return to_canonical(name)
+
+    def skip(self, name: str) -> str | None:
+        """Why the on-disk tensor `name` is present but unused by this engine, or None (it is used)."""
+        return None
 
     def attention_layers(self, cfg) -> list[int]:
         """Indices of the layers with softmax attention (the ones that may carry KV-cache scales)."""

@@ -166,6 +166,10 @@ class _Resolver:
             if is_vision(name):
                 plan.skipped[name] = "vision component (the text model does not use it)"
                 continue
+            why = self.family.skip(name)
+            if why is not None:
+                plan.skipped[name] = why
+                continue
             canon = self.family.sanitize(name)
             leaf = next((lf for lf in SKIP_LEAVES if canon.endswith("." + lf)), None)
             if leaf:
