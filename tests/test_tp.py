@@ -80,7 +80,8 @@ def test_two_gloo_ranks_equal_tp1(cases):
 
 
 def _bad_tp(name):
-    synthetic.build("tiny", "bf16", device="cpu", overrides={"num_attention_heads": 3, "head_dim": 64})
+    synthetic.build("tiny", "bf16", device="cpu", overrides={"num_attention_heads": 3, "num_key_value_heads": 1,
+                                                             "head_dim": 64})
 
 
 def test_tp_refuses_unsplittable_shapes():

@@ -157,8 +157,8 @@ if triton is not None:
         tl.store(y_ptr + pb * syb + rows[:, None] * syt + cols[None, :], y, mask=(rows < T)[:, None] & cmask[None, :])
         if pt == tl.cdiv(T, BT) - 1:  # the last time block writes the final state (the last K-1 inputs)
             for j in tl.static_range(K - 1):
-                src = T - (K - 1) + j + tl.zeros((BC,), dtype=tl.int32)
-                xv = tl.load(xb + src * sxt + cols, mask=cmask & (src >= 0), other=0.0)
+                tail = T - (K - 1) + j + tl.zeros((BC,), dtype=tl.int32)
+                xv = tl.load(xb + tail * sxt + cols, mask=cmask & (tail >= 0), other=0.0)
                 tl.store(s_ptr + pb * C * (K - 1) + cols * (K - 1) + j, xv, mask=cmask)
 
     @triton.jit

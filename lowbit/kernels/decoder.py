@@ -308,7 +308,7 @@ if triton is not None:
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
         base = slot * scs + h * sch
-        first = 0
+        first = length * 0  # same type as length (int64)
         if window > 0:
             first = tl.maximum(length - window, 0)
         for start in range((first // BLOCK_N) * BLOCK_N, length, BLOCK_N):
