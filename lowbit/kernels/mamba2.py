@@ -22,14 +22,14 @@ cache is [S + 1, H, P, N] (row S is the CUDA-graph pad slot) in `mamba_ssm_cache
 References: `ssd_chunked_ref` (the chunked algorithm transformers' torch path runs, in fp32) and
 `ssd_step_ref` (the recurrence itself; `ssd_recurrent_ref` loops it over a sequence and is the
 ground truth the tests hold both the chunked reference and the kernel to).
-CPU tensors take the references unless lowbit.ops.interpret_on_cpu asks for the interpreted kernels.
+CPU tensors take the references unless lowbit.kernels.decoder.interpret_on_cpu asks for the interpreted kernels.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import ops as _ops
+from . import decoder as _ops  # use_triton + interpret_on_cpu (the decoder kernels decide for all)
 
 try:
     import triton
