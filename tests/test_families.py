@@ -14,6 +14,8 @@ import torch
 import lowbit
 from conftest import requires_cuda
 
+NEMOTRON = dict(head_dim=16, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=12, n_groups=2, chunk_size=4,
+                layer_norm_epsilon=1e-5)
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "llama", {}),
     "mistral-sliding": ("MistralForCausalLM", "mistral", dict(sliding_window=5)),
@@ -49,6 +51,16 @@ FAMILIES = {
         head_dim=16, num_hidden_layers=2, full_attention_interval=2, linear_num_key_heads=2,
         linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)),
+    # Nemotron-H: Mamba2 (M), attention without rotary (*), relu^2 MLP (-), MoE (E); chunk 4 < PROMPT
+    "nemotron-h": ("NemotronHForCausalLM", "nemotron_h", dict(NEMOTRON, hybrid_override_pattern="M*M-")),
+    "nemotron-h-moe": ("NemotronHForCausalLM", "nemotron_h", dict(
+        NEMOTRON, layers_block_type=["linear_attention", "moe", "full_attention", "moe"], n_routed_experts=6,
+        num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    "nemotron-h-moe-latent": ("NemotronHForCausalLM", "nemotron_h", dict(
+        NEMOTRON, layers_block_type=["moe", "linear_attention", "full_attention"], n_routed_experts=4,
+        num_experts_per_tok=3, moe_intermediate_size=32, moe_shared_expert_intermediate_size=40,
+        moe_latent_size=24, norm_topk_prob=False)),
 }
 PROMPT = 13  # tokens; longer than every sliding window above
 
@@ -68,6 +80,12 @@ def make_family_model(path, key: str, dtype=torch.float32):
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+        for n, b in model.named_buffers():  # Nemotron-H's router correction bias starts at 0 too
+            if n.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.1)
+    for m in model.modules():  # transformers 5.24's Mamba2 prefill clamps dt to (time_step_min, inf), not to
+        if hasattr(m, "time_step_limit"):  # the config's time_step_limit (docs/kernels-mamba2.md): use the config's
+            m.time_step_limit = tuple(cfg.time_step_limit)
     model.save_pretrained(path, safe_serialization=True)
     return model
 
@@ -122,3 +140,26 @@ def test_family_cuda_graph_decode_equals_eager(tmp_path, key):
     model.engine(4, 64, cuda_graphs=False)
     eager = [r.output_ids for r in model.generate(prompts, max_new_tokens=12, ignore_eos=True)]
     assert graphs == eager
+
+
+def test_nemotron_h_layer_kinds_and_refusals():
+    """Layer kinds from hybrid_override_pattern (older configs) or layers_block_type (incl. the legacy
+    kind names); config fields lowbit does not implement are refused by name."""
+    from lowbit.config import parse_model_config
+    from lowbit.errors import ConfigError
+
+    base = dict(architectures=["NemotronHForCausalLM"], model_type="nemotron_h", vocab_size=64, hidden_size=32,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=48, mamba_num_heads=4,
+                mamba_head_dim=8, ssm_state_size=8, n_groups=2, time_step_limit=[0.0, {"__float__": "Infinity"}])
+    cfg = parse_model_config(dict(base, hybrid_override_pattern="M*-E", n_routed_experts=4))
+    assert cfg.layer_types == ["linear_attention", "full_attention", "mlp", "moe"] and cfg.num_layers == 4
+    assert cfg.mamba.time_step_limit == (0.0, float("inf"))
+    legacy = parse_model_config(dict(base, layers_block_type=["mamba", "attention", "mlp"]))
+    assert legacy.layer_types == ["linear_attention", "full_attention", "mlp"]
+    for bad, field in ((dict(hybrid_override_pattern="M*X"), "hybrid_override_pattern"),
+                       (dict(layers_block_type=["mamba", "attention"], residual_in_fp32=True), "residual_in_fp32"),
+                       (dict(layers_block_type=["attention"], attention_bias=True), "attention_bias"),
+                       (dict(layers_block_type=["mamba"], use_bias=True), "use_bias"),
+                       (dict(layers_block_type=["moe"], n_routed_experts=6, n_group=4), "n_group")):
+        with pytest.raises(ConfigError, match=field):
+            parse_model_config(dict(base, **bad))

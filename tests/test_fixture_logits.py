@@ -56,6 +56,10 @@ def lowbit_bound(name: str) -> tuple[str, float]:
     """(activation_quant mode, relative-L2 bound) for comparison 1."""
     if name in W4A4_HYBRID:
         return ("emulate" if name.startswith("modelopt") else "auto"), 0.25
+    if name == "modelopt-nvfp4-lmhead-nemotronh":
+        # NVFP4 activations on this tiny Mamba hybrid turn any rounding into ~20%: measured 0.210, and
+        # lowbit's own bf16 and fp32 emulated forwards differ by 0.247 (weight-only: 0.009)
+        return "emulate", 0.3
     if name in W4A4:
         # emulate = the reference's W4A4 activation numerics; NVFP4 activations turn small model-level
         # rounding differences into 11-18% (measured 0.066-0.175), as spec section 8 describes

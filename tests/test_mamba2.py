@@ -243,7 +243,7 @@ def test_mixer_matches_transformers(lim, monkeypatch):
 def cached_run(m, x, split, num_slots=3, slots=(2, 0), state_dtype=torch.float32):
     """Prefill x[:, :split] into `slots`, then decode the rest one token at a time."""
     b, t, _ = x.shape
-    spec = Mamba2Mixer.cache_spec(m.cfg, torch.float32, m.tp_size)
+    spec = Mamba2Mixer.state_spec(m.cfg, torch.float32, m.tp_size)
     assert spec.kind == "state"
     caches = {0: {name: torch.full((num_slots + 1, *shape), float("nan"), dtype=state_dtype if name == "ssm" else dt)
                   for name, (shape, dt) in spec.tensors.items()}}
@@ -274,7 +274,7 @@ def test_cached_decode_equals_full_forward(use_kernels, monkeypatch):
 def test_cached_decode_bf16_ssm_state():
     cfg = Mamba2Config(**{**CFG.__dict__, "ssm_cache_dtype": torch.bfloat16})
     m = lowbit_mixer(cfg, transformers_mixer(cfg, seed=2))
-    assert Mamba2Mixer.cache_spec(cfg, torch.float32).tensors["ssm"] == ((4, 12, 20), torch.bfloat16)
+    assert Mamba2Mixer.state_spec(cfg, torch.float32).tensors["ssm"] == ((4, 12, 20), torch.bfloat16)
     x = torch.randn(2, 12, cfg.hidden_size)
     with torch.no_grad():
         err = rel_err(cached_run(m, x, 5, state_dtype=torch.bfloat16), m(x))
@@ -288,7 +288,7 @@ def test_tensor_parallel_split_sums_to_full(monkeypatch):
     full = lowbit_mixer(CFG, ref)
     ranks = [lowbit_mixer(CFG, ref, tp_size=2, rank=r) for r in range(2)]
     assert ranks[0].num_heads == 2 and ranks[0].conv1d.weight.shape == (24 + 2 * 20, 1, 4)
-    assert Mamba2Mixer.cache_spec(CFG, torch.float32, 2).tensors["conv"] == ((64, 3), torch.float32)
+    assert Mamba2Mixer.state_spec(CFG, torch.float32, 2).tensors["conv"] == ((64, 3), torch.float32)
     x = torch.randn(1, 10, CFG.hidden_size)
     with torch.no_grad():
         err = rel_err(ranks[0](x) + ranks[1](x), full(x))
@@ -300,7 +300,7 @@ def test_mixer_cuda_graph_decode():
     """A decode step captured in a CUDA graph equals the eager step (slots read on the device)."""
     cfg = CFG
     m = lowbit_mixer(cfg, transformers_mixer(cfg, seed=4)).cuda()
-    spec = Mamba2Mixer.cache_spec(cfg, torch.float32)
+    spec = Mamba2Mixer.state_spec(cfg, torch.float32)
     caches = {0: {name: torch.zeros((5, *shape), dtype=dt, device="cuda") for name, (shape, dt) in spec.tensors.items()}}
     x = torch.randn(2, 20, cfg.hidden_size, device="cuda")
     slots = torch.tensor([3, 1], device="cuda")

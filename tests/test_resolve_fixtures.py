@@ -79,16 +79,18 @@ EXPECT = {
     "llmcompressor-nvfp4-qwen3_5": same(CT_NVFP4, linear=BF16),
     "modelopt-nvfp4-qwen3_5": same(MO_NVFP4, linear=MO_NVFP4),
     "modelopt-nvfp4-qwen3_5-vlm": same(MO_NVFP4, linear=MO_NVFP4, layout="vlm-new"),  # + model.visual.* skipped
+    # Nemotron-H, pattern M*M- (README): Mamba2 in_proj/out_proj, attention and MLP are all "Linear"
+    "base-nemotronh-bf16": same(BF16, nemotronh=True, layout="backbone"),
+    "llmcompressor-w4a16-nemotronh": same(CT_W4A16, nemotronh=True, layout="backbone"),  # lm_head ignored
+    "modelopt-nvfp4-lmhead-nemotronh": same(MO_NVFP4, head=MO_NVFP4, nemotronh=True, layout="backbone"),
 }
 # Fixtures of families lowbit does not run yet: they must be refused with an error naming the
 # architecture (never half-loaded). Each moves to EXPECT when its family lands.
 PENDING = {
-    "base-nemotronh-bf16": "NemotronH", "llmcompressor-w4a16-nemotronh": "NemotronH",
-    "modelopt-nvfp4-lmhead-nemotronh": "NemotronH",
 }
 # on-disk spelling of model.* and of lm_head per layout (each README's "How it was made")
 LAYOUTS = {"text": ("model.", "lm_head."), "vlm-new": ("model.language_model.", "lm_head."),
-           "vlm-old": ("language_model.model.", "language_model.lm_head.")}
+           "vlm-old": ("language_model.model.", "language_model.lm_head."), "backbone": ("backbone.", "lm_head.")}
 
 
 def test_every_fixture_has_expectations():
@@ -110,6 +112,10 @@ def expected_layers(exp: dict) -> dict[str, Scheme]:
     attn = ("qkv_proj", "o_proj") if exp.get("fused") else ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp = ("gate_up_proj", "down_proj") if exp.get("fused") else ("gate_proj", "up_proj", "down_proj")
     out = {} if exp["head"] is None else {"lm_head": exp["head"]}
+    if exp.get("nemotronh"):  # layers M * M -: every mixer's projections sit under `mixer`
+        mixers = {0: ("in_proj", "out_proj"), 1: ("q_proj", "k_proj", "v_proj", "o_proj"), 2: ("in_proj", "out_proj"),
+                  3: ("up_proj", "down_proj")}
+        return out | {f"model.layers.{i}.mixer.{p}": exp["attn"] for i, ps in mixers.items() for p in ps}
     hybrid = "linear" in exp  # Qwen3.5: layers 0-2 Gated DeltaNet, layer 3 full attention
     for i in range(4 if hybrid else 2):  # every other fixture model has 2 decoder layers (fixtures README)
         if hybrid and i < 3:
@@ -147,6 +153,15 @@ def test_fixture_resolves_as_documented(name):
             assert lp.shard is None
     for slot in plan.slots:
         assert len(plan.slot_parts(slot)) == 1  # no fixture mixes schemes within a fused projection
+
+
+def test_modelopt_sentinel_exclude_entries_are_notes_not_problems():
+    """ModelOpt 0.47's Nemotron-H export writes exclude entries with a NUL-byte name sentinel
+    (README); they match nothing, and resolve says so in a note for each of the three."""
+    plan = resolve(Checkpoint(fixture_dir("modelopt-nvfp4-lmhead-nemotronh")))
+    assert not plan.problems
+    corrupted = [n for n in plan.notes if "is corrupted" in n and "matches no module" in n]
+    assert len(corrupted) == 3 and any("backbone.embeddings.\\x00backbone.pt_name_sentinel" in n for n in corrupted)
 
 
 @pytest.mark.parametrize("name", [n for n, e in EXPECT.items() if e["head"] not in (BF16, None) and n.startswith("llmcompressor")])

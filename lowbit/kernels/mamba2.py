@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import decoder as _ops
+from . import decoder as _ops  # use_triton + interpret_on_cpu (the decoder kernels decide for all)
 
 try:
     import triton

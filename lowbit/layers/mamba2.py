@@ -194,8 +194,12 @@ class Mamba2Mixer(nn.Module):
         self.D = _poisoned(self.num_heads, dtype=torch.float32)
         self.norm = _Params((self.intermediate_size,), None, dtype)
 
+    def cache_spec(self, dtype: torch.dtype) -> CacheSpec:
+        """What this layer keeps per slot (DecoderModel.cache_specs collects it)."""
+        return self.state_spec(self.cfg, dtype, self.tp_size)
+
     @staticmethod
-    def cache_spec(cfg: Mamba2Config, dtype: torch.dtype, tp_size: int = 1) -> CacheSpec:
+    def state_spec(cfg: Mamba2Config, dtype: torch.dtype, tp_size: int = 1) -> CacheSpec:
         h, g = cfg.num_heads // tp_size, cfg.n_groups // tp_size
         conv_dim = h * cfg.head_dim + 2 * g * cfg.state_size
         return CacheSpec(kind="state", tensors={

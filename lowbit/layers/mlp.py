@@ -1,4 +1,5 @@
-"""The gated MLP: down(act(gate) * up), gate and up run as one fused `gate_up_proj`.
+"""The gated MLP: down(act(gate) * up), gate and up run as one fused `gate_up_proj`; the ungated
+MLP down(act(up)).
 
 Activations by their config spellings (`hidden_act` / `hidden_activation`); anything else is
 refused when the config is read (`check_activation`), never silently replaced by SiLU.
@@ -51,4 +52,17 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         out = self.down_proj(act_mul(self.gate_up_proj(x), self.act))
+        return parallel.all_reduce(out) if self.tp_size > 1 else out
+
+
+class MLP(nn.Module):
+    """The ungated MLP: down(act(up(x))) (Nemotron-H: relu^2, `up_proj`, `down_proj`)."""
+
+    def __init__(self, up_proj: nn.Module, down_proj: nn.Module, act: str = "relu2", tp_size: int = 1):
+        super().__init__()
+        self.up_proj, self.down_proj = up_proj, down_proj
+        self.act, self.tp_size = act, tp_size
+
+    def forward(self, x):
+        out = self.down_proj(activation(self.up_proj(x), self.act))
         return parallel.all_reduce(out) if self.tp_size > 1 else out

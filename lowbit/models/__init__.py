@@ -10,7 +10,7 @@ import importlib
 
 from ..errors import ConfigError
 
-FAMILY_MODULES = ("llama", "phi3", "gemma3", "qwen3_moe", "qwen3_5")
+FAMILY_MODULES = ("llama", "phi3", "gemma3", "qwen3_moe", "qwen3_5", "nemotron_h")
 _BY_ARCH: dict = {}
 _BY_TYPE: dict = {}
 _loaded = False

@@ -83,8 +83,9 @@ KV_SCALE_LEAVES = ("k_scale", "v_scale", "kv_scale")
 RULE_NAMES = {"exclude": "exclude/ignore list", "quantized_layers": "quantized_layers",
               "config_groups": "config_groups targets", "default": "quantization algorithm"}
 # Spellings of KV-cache scales: self_attn.k_proj.k_scale (ModelOpt), self_attn.k_scale (compressed-tensors),
-# self_attn.attn.k_scale (vLLM), self_attn.kv_scale (older exports: one scale for both).
-KV_MODULE = re.compile(r"^(model\.layers\.\d+)\.self_attn(?:\.k_proj|\.v_proj|\.attn)?$")
+# self_attn.attn.k_scale (vLLM), self_attn.kv_scale (older exports: one scale for both); Nemotron-H's
+# attention is its layer's `mixer`. Keys are `model.layers.N.self_attn.{k,v}_scale` whatever the spelling.
+KV_MODULE = re.compile(r"^(model\.layers\.\d+)\.(?:self_attn|mixer)(?:\.k_proj|\.v_proj|\.attn)?$")
 
 
 def module_index(slots: list[LinearSlot]) -> dict[str, tuple[LinearSlot, int | None]]:
@@ -398,10 +399,13 @@ class _Resolver:
         known = set(self.modules) | {"lm_head"} | set(on_disk)
         known |= {p.rsplit(".", 1)[0] for p in expected_params(self.plan.model)}
         known |= {self.family.sanitize(split_tensor_name(n)[0]) for n in self.ckpt.tensors}
-        for where, pattern in unmatched_entries(self.qc, known):
+        for where, pattern in unmatched_entries(self.qc, known, self.family.sanitize):
             msg = (f"{where} entry {pattern!r} matches no module of this checkpoint; it was probably written for "
                    f"another module naming (e.g. a different VLM wrapper) and has no effect")
-            if self.trust or not is_exact(pattern):
+            if "\x00" in pattern:  # ModelOpt 0.47's Nemotron-H export leaves a name sentinel in (spec section 9)
+                msg = (f"{where} entry {pattern!r} is corrupted (a NUL byte: ModelOpt 0.47 left its name sentinel "
+                       f"in it) and matches no module of this checkpoint; it has no effect")
+            if self.trust or not is_exact(pattern) or "\x00" in pattern:
                 self.plan.notes.append(f"{self.qc.source}: {msg}")
             else:
                 sample = next((t for lp in self.plan.layers.values() for t in lp.tensors.values()), "")
