@@ -157,9 +157,9 @@ if triton is not None:
         tl.store(y_ptr + pb * syb + rows[:, None] * syt + cols[None, :], y, mask=(rows < T)[:, None] & cmask[None, :])
         if pt == tl.cdiv(T, BT) - 1:  # the last time block writes the final state (the last K-1 inputs)
             for j in tl.static_range(K - 1):
-                src = T - (K - 1) + j + tl.zeros((BC,), dtype=tl.int32)
-                xv = tl.load(xb + src * sxt + cols, mask=cmask & (src >= 0), other=0.0)
-                tl.store(s_ptr + pb * C * (K - 1) + cols * (K - 1) + j, xv, mask=cmask)
+                t_in = T - (K - 1) + j + tl.zeros((BC,), dtype=tl.int32)
+                tail = tl.load(xb + t_in * sxt + cols, mask=cmask & (t_in >= 0), other=0.0)
+                tl.store(s_ptr + pb * C * (K - 1) + cols * (K - 1) + j, tail, mask=cmask)
 
     @triton.jit
     def _conv_update_kernel(x_ptr, s_ptr, slot_ptr, w_ptr, b_ptr, y_ptr, sxb, ssb, C,
