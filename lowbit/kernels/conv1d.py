@@ -16,15 +16,15 @@ a sequence is its last K-1 inputs, oldest first: state[c, j] = x[T - (K-1) + j, 
 `*_ref` are the plain-PyTorch references (transformers' `causal_conv1d_fn` / `causal_conv1d_update`:
 F.conv1d in the weight's dtype, the activation, cast to x's dtype). The Triton kernels accumulate in
 fp32, round the convolution to x's dtype and apply SiLU in fp32 rounded once, like eager PyTorch.
-They run on CUDA tensors, and on CPU tensors in Triton's interpreter when
-`lowbit.kernels.decoder.interpret_on_cpu` is set with TRITON_INTERPRET=1 (tests).
+They run on CUDA tensors, and on CPU tensors in Triton's interpreter when `lowbit.ops.interpret_on_cpu`
+is set with TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import decoder
+from .. import ops
 from ..errors import ConfigError
 
 try:
@@ -83,7 +83,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
 # ------------------------------------------------------------------ public functions
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None):
     """[B, T, C] -> (y [B, T, C], final_state [B, C, K-1]); see the module docstring."""
-    if not decoder.use_triton(x):
+    if not ops.use_triton(x):
         return causal_conv1d_ref(x, weight, bias, activation, initial_state)
     _check(x, weight, bias, activation, -1, "causal_conv1d")
     if initial_state is not None:
@@ -105,7 +105,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None):
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, slots=None):
     """x [B, C] -> y [B, C]; conv_state [S+1, C, K-1] read and written at rows slots (or [B, C, K-1]
     at rows 0..B-1 when slots is None), in place. No host syncs."""
-    if not decoder.use_triton(x):
+    if not ops.use_triton(x):
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, slots)
     _check(x, weight, bias, activation, -1, "causal_conv1d_update")
     b, c = x.shape
@@ -157,9 +157,9 @@ if triton is not None:
         tl.store(y_ptr + pb * syb + rows[:, None] * syt + cols[None, :], y, mask=(rows < T)[:, None] & cmask[None, :])
         if pt == tl.cdiv(T, BT) - 1:  # the last time block writes the final state (the last K-1 inputs)
             for j in tl.static_range(K - 1):
-                tail = T - (K - 1) + j + tl.zeros((BC,), dtype=tl.int32)
-                xv = tl.load(xb + tail * sxt + cols, mask=cmask & (tail >= 0), other=0.0)
-                tl.store(s_ptr + pb * C * (K - 1) + cols * (K - 1) + j, xv, mask=cmask)
+                t_in = T - (K - 1) + j + tl.zeros((BC,), dtype=tl.int32)
+                tail = tl.load(xb + t_in * sxt + cols, mask=cmask & (t_in >= 0), other=0.0)
+                tl.store(s_ptr + pb * C * (K - 1) + cols * (K - 1) + j, tail, mask=cmask)
 
     @triton.jit
     def _conv_update_kernel(x_ptr, s_ptr, slot_ptr, w_ptr, b_ptr, y_ptr, sxb, ssb, C,
