@@ -30,13 +30,13 @@ class Bar:
             self._tqdm = tqdm(total=total, desc=desc, unit="B" if scale_bytes else unit, unit_scale=scale_bytes,
                               leave=False, file=sys.stderr)
         else:
-            step(f"{desc}: 0/{self._fmt(total)}")
+            step(f"{desc}: {self._fmt(0, total)}")
             self._next = 0.1
 
-    def _fmt(self, n: float) -> str:
+    def _fmt(self, done: float, total: float) -> str:
         if self.scale_bytes:
-            return f"{n / 1e6:.1f} MB"
-        return f"{int(n)} {self.unit}"
+            return f"{done / 1e6:.1f}/{total / 1e6:.1f} MB"
+        return f"{int(done)}/{int(total)} {self.unit}"
 
     def update(self, n: float = 1, what: str = "") -> None:
         self.done += n
@@ -47,7 +47,7 @@ class Bar:
             return
         frac = self.done / self.total if self.total else 1.0
         if frac >= self._next or self.total <= 20:
-            step(f"{self.desc}: {self._fmt(self.done)}/{self._fmt(self.total)}{f' ({what})' if what else ''}, "
+            step(f"{self.desc}: {self._fmt(self.done, self.total)}{f' ({what})' if what else ''}, "
                  f"{time.perf_counter() - self._t0:.1f} s")
             while self._next <= frac:
                 self._next += 0.1
