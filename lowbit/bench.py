@@ -135,7 +135,7 @@ def bench(opts: dict) -> dict:
     for b in batches:
         say(f"decode: batch {b}, {opts['new_tokens']} steps after a {opts['decode_prompt']}-token prompt")
         res["decode"][str(b)] = decode_rate(model, b, opts["decode_prompt"], opts["new_tokens"], not opts["no_graphs"],
-                                            res["weight_bytes_per_step"], res["copy_gbps"])
+                                            step_weight_bytes(model, b), res["copy_gbps"])
     say(f"Model.generate: batch 1, {opts['new_tokens']} tokens")
     res["generate_b1_tok_s"] = generate_rate(model, opts["decode_prompt"], opts["new_tokens"])
     if dev.type == "cuda":
@@ -194,16 +194,29 @@ def copy_bandwidth(dev, nbytes: int | None = None) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def step_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every projection and norm, the head (the tied
-    embedding when there is no separate head), not the embedding rows it looks up."""
+def step_weight_bytes(model, batch: int = 1) -> int:
+    """Bytes of weights one decode step of `batch` sequences reads: every projection and norm, the
+    head (the tied embedding when there is no separate head), not the embedding rows it looks up.
+    A MoE layer's experts count only as far as the step touches them: with top-k of E experts and
+    routing spread evenly, `batch` tokens touch a share 1 - (1 - k/E)^batch of them (k/E at batch 1)."""
     net = model.net
-    total = 0
+    experts: dict[int, float] = {}  # id(parameter) -> share of its bytes read
+    for m in net.modules():
+        stacks = getattr(getattr(m, "experts", None), "first", None), getattr(getattr(m, "experts", None), "down", None)
+        routing = getattr(m, "routing", None)
+        if routing is None or stacks[0] is None:
+            continue
+        e = m.experts.num_experts
+        share = 1 - (1 - routing.top_k / e) ** batch
+        for stack in stacks:
+            for p in stack.parameters():
+                experts[id(p)] = share
+    total = 0.0
     for name, p in net.named_parameters():
         if name == "model.embed_tokens.weight" and net.lm_head is not None:
             continue
-        total += p.numel() * p.element_size()
-    return total + sum(b.numel() * b.element_size() for b in net.buffers())
+        total += p.numel() * p.element_size() * experts.get(id(p), 1.0)
+    return int(total + sum(b.numel() * b.element_size() for b in net.buffers()))
 
 
 def prefill_rate(model, length: int) -> dict:
@@ -244,9 +257,7 @@ def decode_rate(model, batch: int, prompt: int, steps: int, graphs: bool, weight
     last.get()
     _sync(model.device)
     t = (time.perf_counter() - t0) / steps
-    cfg, cache = model.config, engine.cache
-    kv_per_pos = 2 * cfg.num_layers * cache.k[0].shape[2] * cfg.head_dim * cache.k[0].element_size()
-    kv_bytes = batch * kv_per_pos * (prompt + 3 + steps / 2)  # mean context over the timed steps
+    kv_bytes = batch * engine.cache.read_bytes(prompt + 3 + steps / 2)  # mean context over the timed steps
     gbps = (weight_bytes + kv_bytes) / t / 1e9
     out = {"tok_s": batch / t, "ms_per_step": 1000 * t, "kv_bytes_per_step": int(kv_bytes), "gbps": gbps,
            "share_of_copy_bw": gbps / copy_gbps, "cuda_graphs": engine.cuda_graphs, "notes": engine.notes}

@@ -48,6 +48,32 @@ def _layer(ckpt: Checkpoint, plan: QuantPlan, lp: LayerPlan) -> dict:
     }
 
 
+def _compact_experts(ckpt: Checkpoint, plan: QuantPlan, plans: list[LayerPlan]) -> list[dict]:
+    """One entry per projection of a stack of experts (`...experts.*.gate_proj`, with the expert count
+    and the tensor names of expert 0 as `{e}` patterns) instead of one per expert: a 128-expert layer
+    is one line, not 384. Experts of one stack share their scheme (resolve refuses anything else)."""
+    out, seen = [], {}
+    for lp in plans:
+        if lp.expert is None:
+            out.append(_layer(ckpt, plan, lp))
+            continue
+        prefix, _, rest = lp.name.rpartition(f".{lp.expert}.")
+        key = (prefix, rest)
+        if key in seen:
+            seen[key]["experts"] += 1
+            continue
+        entry = _layer(ckpt, plan, lp)
+        entry["name"] = f"{prefix}.*.{rest}"
+        entry["experts"] = 1
+        for t in entry["tensors"].values():
+            t["name"] = t["name"].replace(f".{lp.expert}.{rest}.", f".{{e}}.{rest}.")
+        seen[key] = entry
+        out.append(entry)
+    for e in seen.values():
+        e["notes"] = [f"{e['experts']} experts"] + e["notes"]
+    return out
+
+
 def report(path, trust_tensors: bool = False) -> dict:
     """Everything `lowbit inspect` shows, as plain data (also the --json output)."""
     ckpt = Checkpoint(path)
@@ -55,8 +81,8 @@ def report(path, trust_tensors: bool = False) -> dict:
     cfg = plan.model
     slots = _slots(plan)
     order = {name: i for i, name in enumerate(slots)}
-    plans = sorted(plan.layers.values(), key=lambda lp: (order[lp.slot], lp.shard or 0))
-    layers = [_layer(ckpt, plan, lp) for lp in plans]
+    plans = sorted(plan.layers.values(), key=lambda lp: (order[lp.slot], lp.shard or 0, lp.expert or 0))
+    layers = _compact_experts(ckpt, plan, plans)
 
     by_scheme: dict[str, int] = defaultdict(int)
     elems_q = elems_all = 0

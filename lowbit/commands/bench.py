@@ -15,7 +15,8 @@ import json
 def register(sub):
     p = sub.add_parser("bench", help="prefill/decode throughput, bandwidth share, memory (optionally vs transformers)")
     p.add_argument("path", nargs="?", help="checkpoint directory (or use --synthetic)")
-    p.add_argument("--synthetic", metavar="NAME", help="random-weight model: llama-3-8b, llama-3-70b-layer, qwen3-8b, tiny")
+    p.add_argument("--synthetic", metavar="NAME", help="random-weight model: llama-3-8b, llama-3-70b-layer, qwen3-8b, qwen3-30b-a3b, qwen3.5-27b, "
+                   "qwen3.5-35b-a3b, nemotron-h-8b, small, tiny, tiny-moe")
     p.add_argument("--scheme", default="bf16", help="with --synthetic: bf16, fp8, fp8-channel, nvfp4, w4a16-nvfp4, "
                                                    "int4-g128, int8-w8a8 (or a `lowbit quantize` preset)")
     p.add_argument("--lm-head-quant", action="store_true", help="with --synthetic: quantize lm_head too")

@@ -18,8 +18,9 @@ import torch
 from .. import __version__
 from ..checkpoint import ST_DTYPES, TORCH_TO_ST, Checkpoint
 from ..config import ModelConfig, parse_model_config
-from ..errors import CheckpointError, ConfigError
-from ..models.layout import LinearSlot, linear_slots
+from ..errors import CheckpointError, ConfigError, LowbitError
+from ..models import family
+from ..models.slots import LinearSlot
 from ..names import is_vision, to_canonical
 from ..quant.formats import check_tensor, expected_tensors
 from ..quant.scheme import Scheme
@@ -114,7 +115,7 @@ def plan_modules(ckpt: Checkpoint, cfg: ModelConfig, disk: dict[str, str], recip
         raise ConfigError("--lm-head: this model ties lm_head to the input embeddings (tie_word_embeddings), "
                           "so there is no separate head to quantize; drop --lm-head")
     modules, problems = [], []
-    for slot in linear_slots(cfg):
+    for slot in family(cfg).linear_slots(cfg):
         fused_on_disk = len(slot.shards) > 1 and f"{slot.fused_name}.weight" in disk
         for canonical in (slot.fused_name,) if fused_on_disk else slot.shards:
             info = ckpt.tensors.get(disk.get(f"{canonical}.weight", ""))
