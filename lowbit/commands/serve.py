@@ -75,7 +75,10 @@ def run(args) -> int:
         print(f"lowbit serve: '{service.name}' on http://{args.host}:{sock.getsockname()[1]}/v1 "
               f"({args.max_batch} slots of {service.max_len} positions)", file=sys.stderr, flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except SystemExit:  # uvicorn's way out of a failed start-up (logged above)
+            pass
         error = died[0] if died else service.worker.error
         if error is not None:
             raise LowbitError(f"the model worker died, so the server stopped: {error}")

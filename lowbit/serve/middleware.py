@@ -13,11 +13,13 @@ import uuid
 from .protocol import ApiError
 
 log = logging.getLogger("lowbit.serve")
+DRAIN_LIMIT = 256 * 2**20  # refused bodies up to this size are read and dropped rather than cut off
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards (not /health, /metrics, /version)
 
 
-class TooLarge(Exception):
-    pass
+class TooLarge(BaseException):
+    """Raised out of `receive` when a body without Content-Length passes the limit (a BaseException:
+    FastAPI turns every Exception raised while it reads a body into its own 400)."""
 
 
 class Guard:
@@ -36,17 +38,19 @@ class Guard:
             await send(message)
 
         async def answer(e: ApiError, close: bool = False):
-            headers = [(b"content-type", b"application/json")]
+            body = json.dumps(e.body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             headers += [(k.lower().encode(), str(v).encode()) for k, v in (e.headers or {}).items()]
             if close:  # the rest of the body is not read: the connection cannot carry another request
                 headers.append((b"connection", b"close"))
             await send_tracked({"type": "http.response.start", "status": e.status, "headers": headers})
-            await send_tracked({"type": "http.response.body", "body": json.dumps(e.body()).encode()})
+            await send_tracked({"type": "http.response.body", "body": body})
 
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
-                return await answer(refusal, close=refusal.status == 413)
+                close = refusal.status == 413 and not await _drain(receive, _content_length(scope))
+                return await answer(refusal, close=close)
             received = 0
 
             async def receive_limited():
@@ -80,14 +84,30 @@ class Guard:
             if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {self.api_key}".encode()):
                 return ApiError(401, "a missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        length = _content_length(scope)
+        if length is not None and length > self.max_body_bytes:
             return self._too_large()
         return None
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"the request body is larger than this server's limit of {self.max_body_bytes} bytes "
                              f"(lowbit serve --max-body-bytes)", code="request_too_large")
+
+
+def _content_length(scope) -> int | None:
+    value = dict(scope.get("headers") or []).get(b"content-length", b"")
+    return int(value) if value.isdigit() else None
+
+
+async def _drain(receive, length: int | None) -> bool:
+    """Read and drop a refused body (cheap: no parsing), so that the client reads the answer and
+    the connection stays usable; False (close it instead) for a body too large to be worth it."""
+    if length is None or length > DRAIN_LIMIT:
+        return False
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return message["type"] == "http.request"
 
 
 def _route(scope) -> str:

@@ -181,18 +181,18 @@ class Worker:
 
     def _admit(self, req: Request, scheduler: Scheduler, live: dict[int, Request]) -> None:
         choice, seq = req.choice, req.seq
+        live[seq.index] = req  # from here on, a death of the thread fails it
         try:
             if choice.prompt_logprobs is not None:
                 self._hand_over([(req, PromptLogprobs(self._prompt_logprobs(choice.prompt, choice.prompt_logprobs)))])
         except Exception as e:
             log.exception("prompt logprobs failed")
-            self._hand_over([(req, e)])
+            self._hand_over([(live.pop(seq.index), e)])
             return
         if choice.max_new_tokens == 0:  # echo only
             seq.finish = "length"
-            self._hand_over([(req, StreamEvent(seq.index, -1, "", "length"))])
+            self._hand_over([(live.pop(seq.index), StreamEvent(seq.index, -1, "", "length"))])
             return
-        live[seq.index] = req
         scheduler.add(seq)
 
     @torch.inference_mode()
