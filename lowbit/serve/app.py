@@ -129,7 +129,14 @@ def _add_error_handlers(app: FastAPI, service) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, e: RequestValidationError):
-        errors = e.errors()
+        errors, by_field = [], {}
+        for err in e.errors():  # a union's members each report: one message per field
+            top = next((str(x) for x in err["loc"] if x != "body"), "")
+            if top in by_field and err["type"] not in ("extra_forbidden", "invalid_unicode"):
+                by_field[top]["msg"] = "none of the accepted types"
+                continue
+            by_field[top] = dict(err)
+            errors.append(by_field[top])
         parts, params = [], []
         for err in errors:
             loc = [str(x) for x in err["loc"] if x != "body"]
@@ -141,6 +148,8 @@ def _add_error_handlers(app: FastAPI, service) -> None:
                 parts.append(err["msg"])
             else:
                 field = ".".join(x for x in loc if not x.startswith(("function-", "list[", "str", "int")))
+                if err["msg"] == "none of the accepted types":
+                    field = loc[0] if loc else field
                 parts.append(f"{field}: {err['msg']}" if field else err["msg"])
             params.append(field or None)
         return await api_error(request, ApiError(400, "; ".join(dict.fromkeys(parts)), param=params[0]))
