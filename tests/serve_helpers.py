@@ -82,3 +82,13 @@ def error_of(call, status):
     body = e.value.body
     assert set(body) == {"message", "type", "param", "code"}, body
     return body
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """One intra-op thread: the server's worker, uvicorn and the client threads share 2 busy cores,
+    where a 2-thread GEMM of a tiny model waits on the other thread far longer than it computes."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
