@@ -26,7 +26,9 @@ import lowbit
 from lowbit import synthetic
 from lowbit.cli import main as cli_main
 from lowbit.serve import create_app
-from serve_helpers import MAX_LEN, PROMPTS, client, error_of, model_dir, ref, server, serving  # noqa: F401
+from serve_helpers import MAX_LEN, PROMPTS, client, error_of, model_dir, one_thread, ref, server, serving  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def greedy(ref, prompt, n, **kwargs):
     return ref.generate([prompt], max_new_tokens=n, **kwargs)[0]
@@ -284,21 +286,27 @@ def test_cli_refuses_bad_arguments_in_one_line(capsys, tmp_path, monkeypatch):
         taken.listen()
         assert cli_main(["serve", "--synthetic", "tiny", "--port", str(taken.getsockname()[1])]) == 2
         assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+    assert cli_main(["serve", "--synthetic", "tiny", "--chat-template", str(tmp_path / "none.jinja")]) == 2
+    assert "cannot read the chat template" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
     assert cli_main(["serve", "--synthetic", "tiny"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'lowbit[serve]'" in err
 
 
-def test_cli_serves_until_interrupted(model_dir):
+def test_cli_serves_until_interrupted(model_dir, tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "serve", str(model_dir), "--port", "0", "--device",
-                             "cpu", "--served-model-name", "tea", "--max-len", "64"],
+                             "cpu", "--served-model-name", "tea", "--max-model-len", "64", "--max-num-seqs", "2",
+                             "--chat-template", str(template), "--api-key", "sesame"],
                             stderr=subprocess.PIPE, text=True)
     try:
         banner = proc.stderr.readline()
         assert banner.startswith("lowbit serve: 'tea' on http://127.0.0.1:"), banner
+        assert "(2 slots of 64 positions)" in banner
         url = banner.split()[4]
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0)
         deadline = time.time() + 30
         while True:  # the banner comes just before uvicorn starts accepting
             try:
@@ -310,6 +318,11 @@ def test_cli_serves_until_interrupted(model_dir):
         assert [(m.id, m.model_extra["max_model_len"]) for m in models] == [("tea", 64)]
         r = client.completions.create(model="tea", prompt="Hi", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens <= 3
+        r = client.chat.completions.create(model="tea", messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                           extra_body={"return_token_ids": True})
+        assert r.model_extra["prompt_token_ids"] == lowbit.load(model_dir, device="cpu", progress=False).encode("Hi")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down gracefully, then lowbit exits 130
         _, err = proc.communicate(timeout=30)

@@ -14,7 +14,9 @@ import torch
 
 import lowbit
 from lowbit.serve import create_app
-from serve_helpers import CHAT_TEMPLATE, MAX_LEN, client, error_of, model_dir, ref, server, serving  # noqa: F401
+from serve_helpers import MAX_LEN, client, error_of, model_dir, one_thread, ref, server, serving  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "The kettle had been"
 
