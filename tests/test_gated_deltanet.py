@@ -4,8 +4,8 @@ lowbit/kernels/gated_delta.py) against their PyTorch references on random inputs
 
 The kernels run on CPU in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU)
 and, with a GPU, on CUDA. Relative-error bounds (Frobenius norm of the difference over the
-reference's): fp32 1e-5 for the chunked prefill and the decode step (measured <= 1e-6 in the
-interpreter), 1e-6 for the conv (one fp32 sum); bf16 (GPU only: the interpreter has no bf16 dot)
+reference's): fp32 1e-5 for the chunked prefill and the decode step (measured <= 3e-6 in the
+interpreter over 300 draws), 1e-6 for the conv (one fp32 sum); bf16 (GPU only: the interpreter has no bf16 dot)
 2e-2 for the gated delta rule (TF32 dots on top of the output's bf16 rounding) and 1e-2 for the conv.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from conftest import requires_cuda
-from lowbit import ops, parallel
+from lowbit import parallel
+from lowbit.kernels import decoder
 from lowbit.errors import ConfigError
 from lowbit.kernels import conv1d as cv
 from lowbit.kernels import gated_delta as gd
@@ -37,9 +38,9 @@ def device(request, monkeypatch):
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
         return "cuda"
-    if not ops.INTERPRET:
+    if not decoder.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 before triton loads")
-    monkeypatch.setattr(ops, "interpret_on_cpu", True)
+    monkeypatch.setattr(decoder, "interpret_on_cpu", True)
     return "cpu"
 
 
@@ -111,7 +112,8 @@ def test_chunk_gated_delta_rule(device):
     """Chunked prefill vs the recurrent reference, at lengths around the chunk (64)."""
     for dt in dtypes(device):
         tol = 1e-5 if dt == torch.float32 else 2e-2
-        for t, b, hv, dv, h0, corr in ((1, 1, 1, 16, False, False), (63, 1, 1, 16, False, False),
+        # T = 1 with one head is o = beta (q . k) v: a cancelling q . k alone leaves a 1e-5 relative error (seen)
+        for t, b, hv, dv, h0, corr in ((1, 2, 2, 16, False, False), (63, 1, 2, 16, False, False),
                                        (64, 1, 1, 16, True, False), (65, 2, 2, 48, True, False),
                                        (130, 1, 1, 16, False, True)):
             # at 65: 2 value heads per key head, d_v 48 in two blocks; d_k 24 is not a power of two
@@ -192,7 +194,7 @@ def layer_pair(cfg, layer_idx=0):
 
 
 def make_ctx(layer, cfg, num_slots, slots, t, decode, start=0):
-    spec = GatedDeltaNet.cache_spec(cfg, torch.float32)
+    spec = GatedDeltaNet.state_spec(cfg, torch.float32)
     assert spec.kind == "state"
     dev = slots.device
     caches = {layer.layer_idx: {n: torch.randn(num_slots + 1, *shape, dtype=dt, device=dev) for n, (shape, dt) in
@@ -209,9 +211,9 @@ def kernel_mode(mode, monkeypatch) -> str:
     if mode == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if mode == "interpreter":
-        if not ops.INTERPRET:
+        if not decoder.INTERPRET:
             pytest.skip("needs TRITON_INTERPRET=1 before triton loads")
-        monkeypatch.setattr(ops, "interpret_on_cpu", True)
+        monkeypatch.setattr(decoder, "interpret_on_cpu", True)
     return "cuda" if mode == "cuda" else "cpu"
 
 
@@ -243,7 +245,7 @@ def test_cached_decode_equals_full_forward(mode, monkeypatch):
     slots = torch.tensor([2, 0], device=dev)
     with torch.no_grad():
         with monkeypatch.context() as m:
-            m.setattr(ops, "interpret_on_cpu", False)
+            m.setattr(decoder, "interpret_on_cpu", False)
             full = layer(x, None)  # CPU: the reference path; GPU: the chunk kernel
         for p in ((2,) if mode == "interpreter" else (1, 2, 7)):  # 2 < K-1: the conv tail starts with zeros
             ctx = make_ctx(layer, cfg, 3, slots, p, decode=False)
@@ -289,11 +291,11 @@ def test_layer_errors():
     with pytest.raises(ConfigError, match="one token per row"):
         layer(torch.randn(1, 2, cfg.hidden_size), ctx)
     with pytest.raises(ConfigError, match="tensor-parallel size 3"):
-        GatedDeltaNet.cache_spec(cfg, torch.float32, tp_size=3)
+        GatedDeltaNet.state_spec(cfg, torch.float32, tp_size=3)
     with pytest.raises(ConfigError, match="projections"):
         GatedDeltaNet(cfg, 0, {}, torch.float32)
     with pytest.raises(ConfigError, match="hidden_act='gelu'"):
-        GatedDeltaNet.cache_spec(tiny_config(hidden_act="gelu"), torch.float32)
+        GatedDeltaNet.state_spec(tiny_config(hidden_act="gelu"), torch.float32)
 
 
 @pytest.fixture(autouse=True)

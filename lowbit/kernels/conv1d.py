@@ -16,7 +16,7 @@ a sequence is its last K-1 inputs, oldest first: state[c, j] = x[T - (K-1) + j, 
 `*_ref` are the plain-PyTorch references (transformers' `causal_conv1d_fn` / `causal_conv1d_update`:
 F.conv1d in the weight's dtype, the activation, cast to x's dtype). The Triton kernels accumulate in
 fp32, round the convolution to x's dtype and apply SiLU in fp32 rounded once, like eager PyTorch.
-They run on CUDA tensors, and on CPU tensors in Triton's interpreter when `lowbit.ops.interpret_on_cpu`
+They run on CUDA tensors, and on CPU tensors in Triton's interpreter when `lowbit.kernels.decoder.interpret_on_cpu`
 is set with TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from . import decoder as ops
 from ..errors import ConfigError
 
 try:

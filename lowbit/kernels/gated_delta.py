@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from . import decoder
 from ..errors import ConfigError
 
 try:
@@ -126,7 +126,7 @@ def _precision(x: torch.Tensor) -> str:
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, use_qk_l2norm=True):
     """Prefill; same contract as `gated_delta_rule_ref` (Triton on CUDA, the reference elsewhere)."""
-    if not ops.use_triton(q):
+    if not decoder.use_triton(q):
         return gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state, use_qk_l2norm)
     _check(q, k, v, g, beta, "chunk_gated_delta_rule")
     b, t, hk, dk = q.shape
@@ -156,7 +156,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, use
 
 def gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots, scale=None):
     """One decode step (see the module docstring); returns o [B, H_v, d_v], updates state in place."""
-    if not ops.use_triton(q):
+    if not decoder.use_triton(q):
         return gated_delta_rule_decode_ref(q, k, v, a, b, A_log, dt_bias, state, slots, scale)
     bsz, hk, dk = q.shape
     hv, dv = v.shape[1:]

@@ -13,7 +13,8 @@ Parameters other than the projections carry transformers' names inside `linear_a
 (`conv1d.weight` with the on-disk shape [C, 1, K], `A_log`, `dt_bias`, `norm.weight`) and are created
 NaN-poisoned; the loader fills them (`shard_param` says what slice a rank keeps).
 
-Cache (`cache_spec`): per slot a conv tail "conv" [C, K-1] (the last K-1 conv inputs, compute dtype)
+Cache (`cache_spec`; `state_spec` from a config): per slot a conv tail "conv" [C, K-1] (the last K-1
+conv inputs, compute dtype)
 and the recurrent state "ssm" [H_v, d_k, d_v] in fp32. Prefill rows start from an empty history and
 leave both in their slot; a decode step (T == 1) reads and updates them in place (CUDA-graph safe).
 
@@ -138,8 +139,12 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, dims.eps, dtype)
 
     # ------------------------------------------------------------------ cache and sharding
+    def cache_spec(self, dtype: torch.dtype) -> CacheSpec:
+        """This layer's cache (what DecoderModel.cache_specs collects for the engine)."""
+        return self.state_spec(self.dims, dtype, self.tp_size)
+
     @staticmethod
-    def cache_spec(cfg, dtype: torch.dtype, tp_size: int = 1) -> CacheSpec:
+    def state_spec(cfg, dtype: torch.dtype, tp_size: int = 1) -> CacheSpec:
         """Per slot: the conv tail [C, K-1] in the compute dtype, the state [H_v, d_k, d_v] in fp32
         (C, H_v of one rank)."""
         d = GatedDeltaNetDims.from_config(cfg)
