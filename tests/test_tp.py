@@ -174,7 +174,7 @@ def _rank_reference(name, disk, x, rank, tp):
     part = w.shape[1] // tp
     w[:, :rank * part] = 0
     w[:, (rank + 1) * part:] = 0
-    return layer(x.float())
+    return layer(x).float()  # in x's dtype: compressed-tensors' int8 rule rounds x/s to it
 
 
 def test_row_parallel_layer_quantizes_with_the_unsplit_scales():

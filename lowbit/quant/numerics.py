@@ -147,8 +147,12 @@ def quantize_int8_per_token(x: torch.Tensor, amax: torch.Tensor | None = None) -
     127, here to 127 and its negative extreme to -128.) Rows are the last dimension: compressed-
     tensors reduces every dimension but the first two, so for the [batch, seq, hidden] inputs of a
     transformers forward the two agree. amax ([..., 1], e.g. over the whole K under tensor
-    parallelism) replaces each row's own. Returns (q as float32 integers, s as float32 [..., 1]).
+    parallelism) replaces each row's own. float64 inputs (the exact tensor-parallel checks) are
+    quantized as float32, as the other activation quantizers take them, so that a float32 amax
+    all-reduced over ranks is exact. Returns (q as float32 integers, s as float32 [..., 1]).
     """
+    if x.dtype == torch.float64:
+        x = x.float()
     dt = x.dtype
     if amax is None:
         amax = x.abs().amax(dim=-1, keepdim=True)
