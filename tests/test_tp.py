@@ -116,6 +116,30 @@ def test_hybrid_families_two_gloo_ranks_equal_tp1():
         assert rel_err(tp2[0][i], ref[i]) < TP_BOUND, case
 
 
+@pytest.mark.parametrize("kind,extra,field", [
+    ("qwen3.5-dense", {"linear_num_key_heads": 1, "linear_num_value_heads": 2}, "linear_num_key_heads 1"),
+    ("qwen3.5-dense", {"linear_num_value_heads": 3, "linear_num_key_heads": 1}, "linear_num_value_heads 3"),
+    ("qwen3.5-moe", {"moe_intermediate_size": 127}, "moe_intermediate_size 127"),
+    ("qwen3.5-moe", {"shared_expert_intermediate_size": 65}, "shared_expert_intermediate_size 65"),
+    ("nemotron-h-dense", {"n_groups": 1}, "n_groups 1"),
+    ("nemotron-h-dense", {"mamba_num_heads": 6, "n_groups": 3}, "mamba_num_heads 6 is not a multiple of tp=4"),
+    ("nemotron-h-dense", {"num_attention_heads": 3, "num_key_value_heads": 1}, "num_attention_heads 3"),
+    ("nemotron-h-moe", {"moe_shared_expert_intermediate_size": 255}, "moe_shared_expert_intermediate_size 255"),
+    ("nemotron-h-moe", {"moe_latent_size": 128}, "moe_latent_size is set"),
+])
+def test_hybrid_tp_refuses_what_does_not_split(kind, extra, field):
+    """The families name the config field that does not split (before any weight is built)."""
+    from lowbit.config import parse_model_config
+    from lowbit.models import family
+
+    name, overrides = HYBRID[kind]
+    cfg = parse_model_config(synthetic.model_config(name, overrides | extra))
+    tp = 4 if "tp=4" in field else 2
+    family(cfg).check_tp(cfg, 1)
+    with pytest.raises(ConfigError, match=field):
+        family(cfg).check_tp(cfg, tp)
+
+
 def _bad_tp(name):
     synthetic.build("tiny", "bf16", device="cpu", overrides={"num_attention_heads": 3, "num_key_value_heads": 1,
                                                              "head_dim": 64})
