@@ -290,11 +290,13 @@ def test_two_nccl_ranks_row_parallel_w8a8():
             assert torch.equal(ranks[rank][name, "graph"], ranks[rank][name]), (name, rank)
 
 
-def _run_gpu(schemes, seed, ids, prompts):
-    """Per scheme: logits, and greedy tokens without and with CUDA graphs (NCCL inside the graphs)."""
+def _run_gpu(schemes, seed, ids, prompts, kind=None):
+    """Per scheme: logits, and greedy tokens without and with CUDA graphs (NCCL inside the graphs).
+    kind: a HYBRID model instead of the Llama "small"."""
     out = {}
+    model, overrides = HYBRID[kind] if kind else ("small", None)
     for s in schemes:
-        m = synthetic.build("small", s, lm_head_quant=True, seed=seed)
+        m = synthetic.build(model, s, lm_head_quant=True, seed=seed, overrides=overrides)
         out[s] = m.logits(ids).float().cpu()
         runs = []
         for graphs in (False, True):
@@ -328,6 +330,26 @@ def test_two_nccl_ranks():
     ref = _run_gpu(schemes, seed, ids, prompts)
     for s in schemes:
         assert rel_err(tp2[0][s], ref[s]) < (W8A8_BF16_BOUND if s.startswith("fp8") else 2e-2), s
+        eager, graphs = tp2[0][s, "graphs"]
+        assert tp2[0][s, "captured"][0], tp2[0][s, "captured"][1]
+        assert eager == graphs, s
+
+
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("kind", ["qwen3.5-dense", "nemotron-h-dense"])
+def test_two_nccl_ranks_hybrid(kind):
+    """A hybrid model on 2 GPUs (Gated DeltaNet / Mamba2 state caches, their kernels, NCCL inside
+    the decode graphs): logits agree with tp=1 to bf16 rounding; greedy tokens with graphs equal
+    those without."""
+    schemes = ["bf16", "nvfp4"]
+    seed = random.randrange(2**31)
+    ids = torch.randint(3, 500, (2, 19))
+    prompts = [torch.randint(3, 500, (n,)).tolist() for n in (4, 21)]
+    tp2 = parallel.launch(2, _run_gpu, schemes, seed, ids, prompts, kind, backend="nccl", timeout=240)
+    ref = _run_gpu(schemes, seed, ids, prompts, kind)
+    for s in schemes:
+        assert rel_err(tp2[0][s], ref[s]) < 2e-2, s
         eager, graphs = tp2[0][s, "graphs"]
         assert tp2[0][s, "captured"][0], tp2[0][s, "captured"][1]
         assert eager == graphs, s
