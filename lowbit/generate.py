@@ -16,7 +16,7 @@ import torch
 
 from . import parallel
 from .errors import LowbitError
-from .sampling import SamplingParams, sampling_key
+from .sampling import SamplingParams, SequenceSampler, TokenLogprobs, sampling_key
 
 
 @dataclass
@@ -33,6 +33,7 @@ class StreamEvent:
     token_id: int
     text: str  # new text since the previous event of this prompt ("" if held back or no tokenizer)
     finish_reason: str | None  # set on the last event of a prompt
+    logprobs: TokenLogprobs | None = None  # when the sequence's SamplingParams ask for them
 
 
 class Detokenizer:
@@ -43,25 +44,33 @@ class Detokenizer:
     Text that may be the start of a stop string, or an incomplete multi-byte character, is held
     back until the next tokens settle it: the pieces always concatenate to the final text."""
 
-    def __init__(self, model, stop: list[str]):
+    def __init__(self, model, stop: list[str], skip_special_tokens: bool = True, include_stop: bool = False):
         self.model, self.stop = model, [s for s in stop if s]
+        self.skip_special_tokens, self.include_stop = skip_special_tokens, include_stop
         self.text = ""  # emitted so far
         self._held = ""
         self._start = self._read = 0  # window: ids[_start:] decoded, ids[_start:_read] already emitted
 
-    def update(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """The new text after ids[-1] (all of it if `final`), and whether a stop string was hit."""
-        done = self.model.decode(ids[self._start:self._read])
-        window = self.model.decode(ids[self._start:])
+    def decode(self, ids: list[int]) -> str:
+        if self.skip_special_tokens:
+            return self.model.decode(ids)
+        return self.model.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def update(self, ids: list[int], final: bool, check_stop: bool = True) -> tuple[str, bool]:
+        """The new text after ids[-1] (all of it if `final`), and whether a stop string was hit
+        (`check_stop` False: not looked for, e.g. before min_tokens)."""
+        done = self.decode(ids[self._start:self._read])
+        window = self.decode(ids[self._start:])
         new = ""
         if final or (len(window) > len(done) and not window.endswith("\ufffd")):
             new = window[len(done):]
             self._start, self._read = self._read, len(ids)
         text = self._held + new  # a stop string can only start in the held-back part or later
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((text.find(s), s) for s in self.stop) if i >= 0] if check_stop else []
         if hits:
-            text, self._held = text[:min(hits)], ""
-        elif final:
+            at, n = min(hits)
+            text, self._held = text[:at + n if self.include_stop else at], ""
+        elif final or not check_stop:
             self._held = ""
         else:
             keep = max((k for s in self.stop for k in range(1, min(len(s), len(text) + 1))
@@ -85,17 +94,31 @@ class Sequence:
     out: list[int] = field(default_factory=list)
     finish: str | None = None  # "eos" | "stop" | "length" | "cancelled"
     pending: int = 0  # tokens launched on the device, not yet read back
+    stop_ids: set[int] = field(default_factory=set)  # tokens that end it like EOS, finish "stop"
+    min_tokens: int = 0  # no stop string is looked for before this many tokens (EOS and stop_ids are
+    # kept from being sampled by the sampler)
+    sampler: SequenceSampler | None = None  # per-sequence sampling state (penalties, logprobs, min_tokens)
 
-    def emit(self, tok: int) -> StreamEvent:
+    @property
+    def sampling(self) -> SamplingParams | SequenceSampler:
+        """What the engine samples this sequence's rows with."""
+        return self.sampler or self.params
+
+    def emit(self, tok: int, logprobs: TokenLogprobs | None = None) -> StreamEvent:
         self.out.append(tok)
-        if tok in self.eos:
-            self.finish = "eos"
+        ended = tok in self.eos or tok in self.stop_ids
+        if ended:
+            self.finish = "eos" if tok in self.eos else "stop"
         elif len(self.out) >= self.max_new_tokens:
             self.finish = "length"
-        delta, stopped = self.detokenizer.update(self.out, self.finish is not None) if self.detokenizer else ("", False)
+        delta, stopped = "", False
+        if self.detokenizer:
+            d = self.detokenizer
+            ids = self.out[:-1] if ended and not d.include_stop else self.out  # the stop token's text is left out
+            delta, stopped = d.update(ids, self.finish is not None, check_stop=len(self.out) >= self.min_tokens)
         if stopped:
             self.finish = "stop"
-        return StreamEvent(self.index, tok, delta, self.finish)
+        return StreamEvent(self.index, tok, delta, self.finish, logprobs)
 
 
 class Scheduler:
@@ -128,22 +151,23 @@ class Scheduler:
             if s.finish is None:  # else cancelled while waiting
                 s.slot, s.pending = engine.acquire(), 1
                 self.running.append(s)
-                self._inflight.append(([s], engine.prefill(s.slot, s.prompt, s.params, s.generator)))
+                self._inflight.append(([s], engine.prefill(s.slot, s.prompt, s.sampling, s.generator)))
         # launch the next step first; sequences known to reach max_new_tokens are left out
         step = [s for s in self.running if s.finish is None and len(s.out) + s.pending < s.max_new_tokens]
-        step.sort(key=lambda s: sampling_key(s.params, s.generator))  # rows that sample alike side by side
+        step.sort(key=lambda s: sampling_key(s.sampling, s.generator))  # rows that sample alike side by side
         launched = []
         if step:
             for s in step:
                 s.pending += 1
-            launched.append((step, engine.decode([s.slot for s in step], [s.params for s in step],
+            launched.append((step, engine.decode([s.slot for s in step], [s.sampling for s in step],
                                                  [s.generator for s in step])))
         events = []
         for batch, toks in self._inflight:
             for s, tok in zip(batch, toks.get()):
                 s.pending -= 1
+                lp = s.sampler.take_logprobs() if s.sampler else None  # one per token read, emitted or not
                 if s.finish is None:
-                    events.append(s.emit(tok))
+                    events.append(s.emit(tok, lp))
         self._inflight = launched
         for s in [s for s in self.running if s.finish is not None and s.pending == 0]:
             self._release(s)
