@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowbit.commands.bench import bench  # noqa: E402
+from lowbit.bench import bench  # noqa: E402
 
 DEFAULTS = dict(path=None, lm_head_quant=False, kv_cache_fp8=False, prompt_lens="512,2048", batches="1,8,32",
                 new_tokens=256, decode_prompt=128, no_graphs=False, compare_hf=False, hf_new_tokens=64, tp=1,

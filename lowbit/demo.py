@@ -120,6 +120,7 @@ def run_demo(workdir: Path | None = None, device=None, schemes=DEMO_SCHEMES, max
     try:
         base = workdir / "base-bf16"
         t0 = time.perf_counter()
+        log(f"building a small Llama and its tokenizer in {base}")
         tok = build_base_model(base)
         log(f"built a small Llama (4 layers, hidden 256, vocab {len(tok)}) in {base} "
             f"({time.perf_counter() - t0:.1f} s)")
@@ -129,13 +130,19 @@ def run_demo(workdir: Path | None = None, device=None, schemes=DEMO_SCHEMES, max
         ref_model = lowbit.load(base, device=device)
         ref = ref_model.logits(ids)
         rows = [_measure(ref_model, "bf16", "-", False, ids, ref, prompt, max_new_tokens, 0)]
+        log(f"bf16 reference loaded and run on {ref_model.device} ({rows[0].tokens_per_s:.0f} tokens/s)")
         del ref_model
-        for scheme, fmt, lm_head in schemes:
+        for i, (scheme, fmt, lm_head) in enumerate(schemes):
             out = workdir / f"{scheme}-{fmt}{'-lmhead' if lm_head else ''}"
+            t = time.perf_counter()
+            log(f"[{i + 1}/{len(schemes)}] {scheme} ({fmt}{', lm_head too' if lm_head else ''}): quantize, "
+                f"inspect, load, run")
             quantize(base, out, scheme, fmt, lm_head=lm_head, calib_samples=8, calib_seq_len=64, device=device)
             problems = len(resolve(Checkpoint(out)).problems)
             model = lowbit.load(out, device=device)
             rows.append(_measure(model, scheme, fmt, lm_head, ids, ref, prompt, max_new_tokens, problems))
+            log(f"[{i + 1}/{len(schemes)}] {scheme} ({fmt}): top-1 {rows[-1].top1:.0%}, {problems} problem(s), "
+                f"{time.perf_counter() - t:.1f} s")
             del model
         return rows
     finally:

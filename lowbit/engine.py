@@ -1,4 +1,4 @@
-"""The decode engine: KV-cache slots, prefill, and decode steps captured in CUDA graphs.
+"""The decode engine: cache slots, prefill, and decode steps captured in CUDA graphs.
 
 Sequences join and leave between steps: `acquire` a slot, `prefill` the prompt into it (the first
 token is sampled on the device), then every `decode` call advances any set of slots by one token,
@@ -18,12 +18,10 @@ import heapq
 
 import torch
 
+from .caches import SlotCaches
 from .errors import LowbitError
-from .kv_cache import CacheBatch, KVCache
+from .layers.context import ForwardContext
 from .sampling import SamplingParams, sample
-
-# rotary types whose frequencies depend on the sequence length (read on the host each step)
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 def buckets_for(num_slots: int) -> list[int]:
@@ -58,12 +56,11 @@ class Engine:
         self.model, self.net = model, model.net
         self.num_slots, self.max_len, self.device = num_slots, max_len, model.device
         cfg = model.config
-        attn = self.net.model.layers[0].self_attn
         if max_len > cfg.max_position_embeddings:
             raise LowbitError(f"a cache of {max_len} positions exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings}); use shorter prompts or fewer new tokens")
-        self.cache = KVCache(cfg.num_layers, num_slots, max_len, attn.num_kv_heads, cfg.head_dim, model.dtype,
-                             self.device, fp8=attn.k_scale is not None)
+        # every stateful layer's cache (KV, sliding-window KV, recurrent state), as the model declares it
+        self.cache = SlotCaches(self.net.cache_specs(model.dtype), num_slots, max_len, self.device)
         self._free = list(range(num_slots))
         self.lengths = [0] * (num_slots + 1)  # host copy of each slot's length, for bounds checks
         # per slot: the token the next decode step feeds, and its position (the pad slot stays at 0)
@@ -71,9 +68,9 @@ class Engine:
         self.positions = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
         self.notes: list[str] = []
         graphs_ok = self.device.type == "cuda" and cuda_graphs is not False
-        if graphs_ok and self.net.rotary.type in LENGTH_DEPENDENT_ROPE:
+        if graphs_ok and not self.net.graph_safe:
             graphs_ok = False
-            self.notes.append(f"CUDA graphs off: {self.net.rotary.type} rotary frequencies depend on the length")
+            self.notes.append("CUDA graphs off: the rotary frequencies depend on the length")
         self.cuda_graphs = graphs_ok
         self.buckets = buckets_for(num_slots)
         self._graphs: dict[int, tuple] = {}
@@ -103,7 +100,7 @@ class Engine:
             raise LowbitError(f"a prompt of {t} tokens does not fit a KV cache of {self.max_len} positions")
         x = self._to_device([ids])
         pos = torch.arange(t, device=self.device)[None]
-        hidden = self.net(x, pos, CacheBatch(self.cache, self._to_device([slot])))
+        hidden = self.net(x, pos, self._context(self._to_device([slot]), pos, decode=False))
         tok = sample(self.net.compute_logits(hidden[:, -1]).float(), params, generator)
         self.tokens[slot:slot + 1].copy_(tok)
         self.positions[slot:slot + 1].fill_(t)
@@ -141,8 +138,11 @@ class Engine:
         """The captured part of a decode step: slot list -> float32 logits [B, V]."""
         x = self.tokens[slot_ids][:, None]
         pos = self.positions[slot_ids][:, None]
-        hidden = self.net(x, pos, CacheBatch(self.cache, slot_ids, decode=True))
+        hidden = self.net(x, pos, self._context(slot_ids, pos, decode=True))
         return self.net.compute_logits(hidden[:, 0]).float()
+
+    def _context(self, slots: torch.Tensor, positions: torch.Tensor, decode: bool) -> ForwardContext:
+        return ForwardContext(slots, positions, decode, self.cache.layers)
 
     def _graph(self, bucket: int):
         """The CUDA graph of one bucket, captured on first use (None if capture is impossible)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import parallel
+from .errors import LowbitError
 from .sampling import SamplingParams, SequenceSampler, TokenLogprobs, sampling_key
 
 
@@ -209,9 +210,16 @@ class GenerationRun:
         self.model = model
         self.params = SamplingParams(temperature, top_k, top_p, seed)
         self.max_new_tokens = max_new_tokens
+        if not prompts:
+            raise LowbitError("no prompts given")
         ids = [model.encode(p, chat=chat) for p in prompts]
-        if not ids or any(len(p) == 0 for p in ids):
-            raise ValueError("every prompt needs at least one token")
+        vocab = model.config.vocab_size
+        for i, p in enumerate(ids):
+            which = f"prompt {i} ({str(prompts[i])[:40]!r})" if len(ids) > 1 else f"the prompt {str(prompts[i])[:40]!r}"
+            if not p:
+                raise LowbitError(f"{which} has no tokens; give some text (or token ids)")
+            if any(not 0 <= t < vocab for t in p):
+                raise LowbitError(f"{which}: token ids must be in [0, {vocab}) (the model's vocabulary)")
         has_text = any(isinstance(p, str) for p in prompts) or bool(stop)
         eos = set() if ignore_eos else set(model.eos_token_ids)
         self.seqs = [Sequence(i, p, self.params, max_new_tokens, eos,

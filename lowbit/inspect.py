@@ -8,6 +8,7 @@ import re
 from collections import defaultdict
 
 from .checkpoint import Checkpoint
+from .errors import group_lines, index_ranges
 from .quant.resolve import LayerPlan, QuantPlan, resolve
 
 MAIN_ROLES = ("weight", "weight_packed", "bias")  # everything else of a projection is a scale/metadata tensor
@@ -47,6 +48,32 @@ def _layer(ckpt: Checkpoint, plan: QuantPlan, lp: LayerPlan) -> dict:
     }
 
 
+def _compact_experts(ckpt: Checkpoint, plan: QuantPlan, plans: list[LayerPlan]) -> list[dict]:
+    """One entry per projection of a stack of experts (`...experts.*.gate_proj`, with the expert count
+    and the tensor names of expert 0 as `{e}` patterns) instead of one per expert: a 128-expert layer
+    is one line, not 384. Experts of one stack share their scheme (resolve refuses anything else)."""
+    out, seen = [], {}
+    for lp in plans:
+        if lp.expert is None:
+            out.append(_layer(ckpt, plan, lp))
+            continue
+        prefix, _, rest = lp.name.rpartition(f".{lp.expert}.")
+        key = (prefix, rest)
+        if key in seen:
+            seen[key]["experts"] += 1
+            continue
+        entry = _layer(ckpt, plan, lp)
+        entry["name"] = f"{prefix}.*.{rest}"
+        entry["experts"] = 1
+        for t in entry["tensors"].values():
+            t["name"] = t["name"].replace(f".{lp.expert}.{rest}.", f".{{e}}.{rest}.")
+        seen[key] = entry
+        out.append(entry)
+    for e in seen.values():
+        e["notes"] = [f"{e['experts']} experts"] + e["notes"]
+    return out
+
+
 def report(path, trust_tensors: bool = False) -> dict:
     """Everything `lowbit inspect` shows, as plain data (also the --json output)."""
     ckpt = Checkpoint(path)
@@ -54,8 +81,8 @@ def report(path, trust_tensors: bool = False) -> dict:
     cfg = plan.model
     slots = _slots(plan)
     order = {name: i for i, name in enumerate(slots)}
-    plans = sorted(plan.layers.values(), key=lambda lp: (order[lp.slot], lp.shard or 0))
-    layers = [_layer(ckpt, plan, lp) for lp in plans]
+    plans = sorted(plan.layers.values(), key=lambda lp: (order[lp.slot], lp.shard or 0, lp.expert or 0))
+    layers = _compact_experts(ckpt, plan, plans)
 
     by_scheme: dict[str, int] = defaultdict(int)
     elems_q = elems_all = 0
@@ -123,12 +150,7 @@ def _rows(layers: list[dict]) -> list[list[str]]:
         name, cells, in_layers = key
         if in_layers:
             idx = groups[key]
-            runs, start = [], idx[0]
-            for a, b in zip(idx, idx[1:] + [None]):
-                if b != a + 1:
-                    runs.append(str(start) if start == a else f"{start}-{a}")
-                    start = b
-            name = f"model.layers.{{{','.join(runs)}}}.{name}" if len(idx) > 1 else f"model.layers.{idx[0]}.{name}"
+            name = f"model.layers.{{{index_ranges(idx)}}}.{name}" if len(idx) > 1 else f"model.layers.{idx[0]}.{name}"
         rows.append([name, *cells])
     return rows
 
@@ -162,7 +184,7 @@ def render(rep: dict) -> str:
         lines += ["", "notes"] + [f"  - {n}" for n in rep["notes"]]
     if rep["problems"]:
         lines += ["", f"problems ({len(rep['problems'])}): this checkpoint does not load as is"]
-        lines += [f"  - {p['layer']}: {p['message']}" for p in rep["problems"]]
+        lines += [f"  - {p}" for p in group_lines([f"{p['layer']}: {p['message']}" for p in rep["problems"]])]
     else:
         lines += ["", "no problems: loadable"]
     return "\n".join(lines)

@@ -15,7 +15,9 @@ from torch import nn
 from . import parallel
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
-from .models import model_class
+from .models import family
+from .models.slots import ExpertSlot
+from .progress import Bar
 from .quant.formats import check_tensor, mismatches
 from .quant.base import LinearGroup, LinearSpec, QLinear, RunOptions, TensorSpec
 from .quant.methods import method_class
@@ -43,11 +45,52 @@ class Target:
     disk_sizes: tuple[int, ...]  # on-disk shard sizes of its slot (for KV-head replication)
     kv_factor: int = 1  # copies of each KV head this rank's layout needs (tp > num_kv_heads)
 
+    def expected(self) -> dict[str, TensorSpec]:
+        return self.layer.method.disk_tensors(self.disk_rows, self.layer.spec.in_features)
+
+    def label(self) -> str:
+        return self.layer.method.scheme.label()
+
     def write(self, role: str, tensor: torch.Tensor, cfg) -> str | None:
         """Hand one on-disk tensor to the scheme unit (after KV-head replication, if any)."""
         shard = self.plan.shard
         t = parallel.replicate_kv(tensor, role, shard, self.disk_sizes, cfg, self.kv_factor, self.plan.name)
         return self.layer.method.load(self.layer, role, t, self.shard)
+
+
+@dataclass
+class ExpertTarget:
+    """Where one on-disk expert module's tensors go (expert None: the fused form, every expert)."""
+
+    stack: nn.Module  # lowbit.quant.experts.ExpertLinear
+    expert: int | None
+    shard: int | None
+    plan: LayerPlan
+
+    def expected(self) -> dict[str, TensorSpec]:
+        if self.expert is None:
+            return self.stack.fused_disk_tensors()
+        s = self.stack.spec
+        rows, cols = (s.hidden, s.intermediate) if s.kind == "down" else (s.intermediate, s.hidden)
+        return self.stack.disk_tensors(rows, cols)
+
+    def label(self) -> str:
+        return self.stack.scheme.label()
+
+    def write(self, role: str, tensor: torch.Tensor, cfg) -> str | None:
+        return self.stack.load(role, tensor, self.expert, self.shard)
+
+
+def build_experts(slot: ExpertSlot, plan: QuantPlan, dtype, options: RunOptions, tp_rank: int, tp_size: int,
+                  targets: dict) -> nn.Module:
+    from .quant.experts import ExpertLinear, ExpertSpec
+
+    parts = plan.slot_parts(slot)[0]
+    spec = ExpertSpec(slot.name, slot.kind, slot.num_experts, slot.hidden, slot.intermediate, tp_rank, tp_size)
+    stack = ExpertLinear(parts[0].scheme, spec, dtype, options)
+    for p in parts:
+        targets[p.name] = ExpertTarget(stack, p.expert, p.shard, p)
+    return stack
 
 
 def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_size=1):
@@ -57,6 +100,12 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
     missing: list[str] = []
     kv_factor = parallel.kv_replication(plan.model, tp_size)
     for disk_slot in plan.slots:
+        if isinstance(disk_slot, ExpertSlot):
+            if plan.slot_parts(disk_slot)[0]:
+                groups[disk_slot.name] = build_experts(disk_slot, plan, dtype, options, tp_rank, tp_size, targets)
+            else:
+                missing.append(f"{disk_slot.name}: no expert tensors in the checkpoint")
+            continue
         slot = parallel.tp_slot(disk_slot, plan.model, tp_size)
         parts = []
         fused_stored = slot.fused_name in plan.layers and plan.layers[slot.fused_name].shard is None
@@ -86,10 +135,11 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
 
 def build_model(plan: QuantPlan, device, dtype, options: RunOptions, tp_rank: int = 0, tp_size: int = 1):
     """The model with poisoned parameters: (model, linears, on-disk module -> Target, plain parameters)."""
-    parallel.check(plan.model, tp_size)
+    fam = family(plan.model)
+    fam.check_tp(plan.model, tp_size)
     with torch.device(device):
         linears, targets = build_linears(plan, dtype, options, tp_rank, tp_size)
-        model = model_class(plan.model)(plan.model, linears, dtype, tp_size)
+        model = fam.build(plan.model, linears, dtype, tp_size)
     linear_params = {id(p) for g in linears.values() for p in g.parameters()}
     plain = {n: p for n, p in model.named_parameters() if id(p) not in linear_params}
     return model, linears, targets, plain
@@ -98,12 +148,16 @@ def build_model(plan: QuantPlan, device, dtype, options: RunOptions, tp_rank: in
 def finish_loading(model: nn.Module, linears: dict, report: LoadReport, where) -> None:
     """Let every scheme unit finalize, then refuse any parameter that was not (fully) written."""
     for g in linears.values():
+        if not hasattr(g, "parts"):  # a stack of experts
+            report.notes += [f"{g.spec.name}: {n}" for n in g.finalize() or []]
+            continue
         for part in g.parts:
             report.notes += [f"{part.spec.name}: {n}" for n in part.method.finalize(part) or []]
     poisoned = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype.itemsize > 1
                 and torch.isnan(p).any()]
     if poisoned:
-        raise CheckpointError([f"{n}: not (fully) written by the checkpoint" for n in poisoned],
+        raise CheckpointError([f"{n}: not (fully) written by the checkpoint, or its data on disk holds NaN; "
+                               f"re-download or re-export the checkpoint" for n in poisoned],
                               header=f"{where} does not load")
 
 
@@ -111,10 +165,11 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
                tp_rank: int = 0, tp_size: int = 1, progress: bool = True):
     t0 = time.perf_counter()
     cfg = plan.model
-    if plan.problems and not options.trust_tensors:
+    if plan.problems:  # what resolve() found (inspect shows the same list); with trust_tensors only what it cannot fix
+        trust = any(p.trust_fixes for p in plan.problems)
         raise CheckpointError([str(p) for p in plan.problems],
-                              header=f"{ckpt.path}: config and tensors disagree (pass trust_tensors=True / "
-                                     f"--trust-tensors to resolve from the tensors)")
+                              header=f"{ckpt.path} does not load" + (" (where the config and the tensors disagree, "
+                                     "trust_tensors=True / --trust-tensors resolves from the tensors)" if trust else ""))
     report = LoadReport(skipped=dict(plan.skipped), notes=list(plan.notes))
     model, linears, targets, plain = build_model(plan, device, dtype, options, tp_rank, tp_size)
 
@@ -124,11 +179,10 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
 
     # projections: every role of every on-disk module, checked against the scheme's on-disk table
     for mod_name, target in targets.items():
-        method = target.layer.method
-        expected = method.disk_tensors(target.disk_rows, target.layer.spec.in_features)
+        expected = target.expected()
         infos = {role: ckpt.tensors[name] for role, name in target.plan.tensors.items()}
         issues = mismatches(mod_name, expected, infos)
-        violations += [f"{mod_name} ({method.scheme.label()}): {issue}" for issue in issues]
+        violations += [f"{mod_name} ({target.label()}): {issue}" for issue in issues]
         if not issues:
             jobs += [(name, lambda t, tg=target, r=role: tg.write(r, t, cfg))
                      for role, name in target.plan.tensors.items()]
@@ -159,10 +213,9 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
     kv_fp8 = plan.kv_cache == "fp8" and options.kv_cache != "bf16"
     if plan.kv_cache == "fp8" and not kv_fp8:
         report.notes.append("FP8 KV cache in the checkpoint; kept in the compute dtype (kv_cache='bf16')")
-    for layer in model.model.layers:
-        attn = layer.self_attn
+    for idx, attn in model.attention_layers().items():
         for kind in ("k_scale", "v_scale"):
-            key = f"model.layers.{attn.layer_idx}.self_attn.{kind}"
+            key = f"model.layers.{idx}.self_attn.{kind}"
             tname = plan.kv_scales.get(key)
             if tname is None:
                 if plan.kv_cache == "fp8":
@@ -176,12 +229,8 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
     if violations:
         raise CheckpointError(violations, header=f"{ckpt.path} does not load")
 
-    bar = None
     total = sum(ckpt.tensors[n].nbytes for n, _ in jobs)
-    if progress and total > 256 * 2**20:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", delay=1.0, leave=False)
+    bar = Bar(total, f"loading {ckpt.path.name}", scale_bytes=True, enabled=progress and total > 256 * 2**20)
     for tname, write in jobs:
         t = ckpt.read(tname)
         note = write(t)
@@ -189,10 +238,8 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             report.notes.append(f"{tname}: {note}")
         report.tensors_read += 1
         report.bytes_read += ckpt.tensors[tname].nbytes
-        if bar:
-            bar.update(ckpt.tensors[tname].nbytes)
-    if bar:
-        bar.close()
+        bar.update(ckpt.tensors[tname].nbytes)
+    bar.close()
 
     finish_loading(model, linears, report, ckpt.path)
     report.seconds = time.perf_counter() - t0

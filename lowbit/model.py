@@ -6,12 +6,16 @@ from pathlib import Path
 import torch
 
 from . import parallel
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, generation_eos_ids
 from .config import parse_dtype
 from .errors import LowbitError
 from .loader import LoadReport, load_model
 from .quant.base import RunOptions
 from .quant.resolve import QuantPlan, resolve
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "vocab.txt", "tekken.json")
 
 
 def default_device() -> torch.device:
@@ -44,6 +48,10 @@ class Model:
         if self.path is None:
             raise LowbitError("this model has no tokenizer (a synthetic model); pass token ids instead of text")
         if self._tokenizer is None:
+            if not any((self.path / f).exists() for f in TOKENIZER_FILES):
+                # transformers would build an empty tokenizer from config.json alone
+                raise LowbitError(f"{self.path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy "
+                                  f"them from the model this checkpoint was made from, or pass token ids")
             from transformers import AutoTokenizer
 
             try:
@@ -58,7 +66,17 @@ class Model:
             return [int(t) for t in prompt]
         if chat:
             return self.encode_chat([{"role": "user", "content": prompt}])
-        return self.tokenizer(prompt)["input_ids"]
+        return self._in_vocab(self.tokenizer(prompt)["input_ids"])
+
+    def _in_vocab(self, ids: list[int]) -> list[int]:
+        """Token ids from the tokenizer, refused when the model has no embedding for them."""
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise LowbitError(f"{self.path}: the tokenizer produced token id {max(bad)}, but the model's vocabulary "
+                              f"has {vocab} entries (vocab_size in config.json): the tokenizer files do not belong "
+                              f"to this checkpoint; copy the tokenizer of the model it was made from")
+        return ids
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """A conversation through the tokenizer's chat template, ready for the assistant's reply."""
@@ -69,7 +87,7 @@ class Model:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
-        return list(ids)
+        return self._in_vocab(list(ids))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -77,14 +95,9 @@ class Model:
     @property
     def eos_token_ids(self) -> list[int]:
         ids = list(self.config.eos_token_ids)
-        gen = self.path / "generation_config.json" if self.path else None
-        if gen is not None and gen.exists():
-            import json
-
-            e = json.loads(gen.read_text()).get("eos_token_id")
-            for x in e if isinstance(e, list) else [e] if e is not None else []:
-                if int(x) not in ids:
-                    ids.append(int(x))
+        for x in generation_eos_ids(self.path) if self.path else []:
+            if x not in ids:
+                ids.append(x)
         return ids
 
     # ---------------------------------------------------------------- forward
@@ -122,7 +135,12 @@ def resolve_device(device, tp_size: int = 1) -> torch.device:
     """The device to load on: as asked, else this rank's GPU under tensor parallelism, else cuda if any."""
     if device is None:
         return parallel.device() if tp_size > 1 else default_device()
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LowbitError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise LowbitError(f"device {device.type!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LowbitError("device 'cuda' requested but no CUDA GPU is available (use --device cpu)")
     return device

@@ -6,14 +6,16 @@ Canonical names are the text model's transformers names: `model.layers.3.mlp.dow
     text      model.X                     lm_head
     vlm-new   model.language_model.X      lm_head               (transformers >= 4.52 VLMs)
     vlm-old   language_model.model.X      language_model.lm_head (LLaVA-style)
+    backbone  backbone.X                  lm_head               (Nemotron-H, Mamba: NVIDIA's names)
 
 `to_canonical` maps any of them to the canonical name; `candidates` gives every spelling of a
 canonical name. Both tensor names and config names (exclude lists, targets, quantized_layers) go
-through these two functions, and nowhere else is a prefix rewritten.
+through these two functions, and nowhere else is a prefix rewritten. (A family renames modules
+inside the text model, e.g. Nemotron-H's `backbone.embeddings`, in its `Family.sanitize`.)
 """
 from __future__ import annotations
 
-LAYOUTS = ("text", "vlm-new", "vlm-old")
+LAYOUTS = ("text", "vlm-new", "vlm-old", "backbone")
 
 # Modules of a VLM checkpoint that are not part of the text model.
 VISION_PREFIXES = (
@@ -33,6 +35,8 @@ def to_canonical(name: str) -> str:
         return "model." + name[len("model.language_model."):]
     if name.startswith("language_model.model."):
         return "model." + name[len("language_model.model."):]
+    if name.startswith("backbone."):
+        return "model." + name[len("backbone."):]
     if name == "language_model.lm_head" or name.startswith("language_model.lm_head."):
         return name[len("language_model."):]
     return name
@@ -43,6 +47,8 @@ def layout_of(name: str) -> str:
         return "vlm-new"
     if name.startswith("language_model."):
         return "vlm-old"
+    if name.startswith("backbone."):
+        return "backbone"
     return "text"
 
 
@@ -52,7 +58,7 @@ def candidates(canonical: str) -> list[str]:
         return [canonical, "language_model." + canonical]
     if canonical.startswith("model."):
         rest = canonical[len("model."):]
-        return [canonical, "model.language_model." + rest, "language_model.model." + rest]
+        return [canonical, "model.language_model." + rest, "language_model.model." + rest, "backbone." + rest]
     return [canonical]
 
 

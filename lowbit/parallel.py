@@ -101,7 +101,8 @@ def kv_replication(cfg, tp: int) -> int:
 
 
 def is_qkv(slot) -> bool:
-    return len(slot.shards) == 3 and slot.fused_name.endswith("self_attn.qkv_proj")
+    """A q/k/v slot (its k and v shards hold KV heads)."""
+    return slot.kv_heads > 0
 
 
 def tp_slot(slot, cfg, tp: int):

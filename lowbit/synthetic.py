@@ -17,7 +17,8 @@ from .config import parse_model_config
 from .errors import ConfigError
 from .loader import LoadReport, build_model, disk_param_shape, finish_loading, write_param
 from .model import Model, resolve_device
-from .models.layout import linear_slots
+from .models import family
+from .models.slots import ExpertSlot
 from .quant.base import RunOptions
 from .quant.numerics import FP8_MAX
 from .quant.resolve import LayerPlan, QuantPlan, expected_params
@@ -36,6 +37,46 @@ CONFIGS = {
     # two decoder layers of Llama-3-70B's shapes, with its embedding and head
     "llama-3-70b-layer": _LLAMA3 | dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=2,
                                         num_attention_heads=64),
+    # Qwen3-30B-A3B: 48 layers of 128 experts (top 8, intermediate 768 each), 32 q / 4 kv heads
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+                          hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                          tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+                          rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
+    # Qwen3.5-27B: 64 layers, linear:full attention 3:1, gated attention 24 q / 4 kv heads of 256
+    "qwen3.5-27b": dict(architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", vocab_size=248320,
+                        hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24,
+                        num_key_value_heads=4, head_dim=256, full_attention_interval=4, linear_num_key_heads=16,
+                        linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128,
+                        linear_conv_kernel_dim=4, partial_rotary_factor=0.25, max_position_embeddings=262144,
+                        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                        rope_parameters={"rope_theta": 10000000.0, "rope_type": "default"}),
+    # Qwen3.5-35B-A3B: 40 layers of 256 experts (top 8, intermediate 512) + a shared expert
+    "qwen3.5-35b-a3b": dict(architectures=["Qwen3_5MoeForCausalLM"], model_type="qwen3_5_moe_text",
+                            vocab_size=248320, hidden_size=2048, num_hidden_layers=40, num_attention_heads=16,
+                            num_key_value_heads=2, head_dim=256, full_attention_interval=4, linear_num_key_heads=16,
+                            linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                            linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8,
+                            moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                            partial_rotary_factor=0.25, max_position_embeddings=262144, rms_norm_eps=1e-6,
+                            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                            rope_parameters={"rope_theta": 10000000.0, "rope_type": "default"}),
+    # Nemotron-H-8B: 52 layers (24 Mamba2, 4 attention, 24 relu^2 MLP), Mamba 128 heads x 64, state 128, 8 groups
+    "nemotron-h-8b": dict(architectures=["NemotronHForCausalLM"], model_type="nemotron_h", vocab_size=131072,
+                          hidden_size=4096, intermediate_size=21504, num_hidden_layers=52,
+                          hybrid_override_pattern="M-M-M-M*-" * 4 + "M-" * 8, num_attention_heads=32,
+                          num_key_value_heads=8, head_dim=128, mamba_num_heads=128, mamba_head_dim=64,
+                          ssm_state_size=128, n_groups=8, conv_kernel=4, expand=2, chunk_size=128,
+                          mlp_hidden_act="relu2", layer_norm_epsilon=1e-5, max_position_embeddings=8192,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                          time_step_limit=[0.0, float("inf")], mamba_ssm_cache_dtype="float32"),
+    # for CPU tests of the MoE path
+    "tiny-moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=512, hidden_size=256,
+                     intermediate_size=512, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                     norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                     bos_token_id=1, eos_token_id=2, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
     "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
                      intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -96,15 +137,24 @@ def _randn(shape, name: str, seed: int, device, std: float) -> torch.Tensor:
 
 
 def _plan(cfg, scheme: Scheme, lm_head_quant: bool) -> QuantPlan:
-    slots = linear_slots(cfg)
+    slots = family(cfg).linear_slots(cfg)
     layers = {}
     for slot in slots:
         s = scheme if slot.fused_name != "lm_head" or lm_head_quant else unquantized("bf16")
-        for i, name in enumerate(slot.shards):
-            layers[name] = LayerPlan(name, slot.fused_name, i if len(slot.shards) > 1 else None, s,
-                                     reason="synthetic")
+        for group in _modules(slot):
+            for i, (name, expert) in enumerate(group):
+                layers[name] = LayerPlan(name, slot.fused_name, i if len(group) > 1 else None, s,
+                                         reason="synthetic", expert=expert)
     params = {p: p for p in expected_params(cfg)}
     return QuantPlan(model=cfg, slots=slots, layers=layers, params=params, kv_cache=None)
+
+
+def _modules(slot) -> list[list[tuple[str, int | None]]]:
+    """The on-disk modules of a slot as (name, expert) groups that share per-tensor scales: a slot's
+    shards, or each expert's shards of a stack of experts."""
+    if isinstance(slot, ExpertSlot):
+        return [[(f"{slot.prefix}.{e}.{leaf}", e) for leaf in slot.shards] for e in range(slot.num_experts)]
+    return [[(name, None) for name in slot.shards]]
 
 
 def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, device=None,
@@ -125,8 +175,8 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
                                f"{', lm_head too' if lm_head_quant and sch.quantized else ''}"])
     amax_in = torch.tensor(ASSUMED_AMAX, dtype=torch.bfloat16, device=device)
     with torch.inference_mode():
-        for slot in plan.slots:
-            shards = [plan.layers[s] for s in slot.shards]
+        for slot, group in ((slot, g) for slot in plan.slots for g in _modules(slot)):
+            shards = [plan.layers[n] for n, _ in group]
             weights = {p.name: _randn((slot.shard_sizes[p.shard or 0], slot.in_features), p.name, seed, device,
                                       WEIGHT_STD) for p in shards}
             shared = rtn.shared_amax(list(weights.values()))  # fused shards share per-tensor scales
@@ -148,8 +198,8 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
         if kv_cache == "fp8":
             plan.kv_cache = "fp8"
             scale = torch.tensor(ASSUMED_AMAX / FP8_MAX, device=device)
-            for layer in model.model.layers:
-                layer.self_attn.k_scale, layer.self_attn.v_scale = scale, scale
+            for attn in model.attention_layers().values():
+                attn.k_scale, attn.v_scale = scale, scale
     finish_loading(model, linears, report, f"--synthetic {name}")
     model.eval()
     return Model(model, plan, report, None, device, dtype, options)

@@ -1,7 +1,7 @@
 """Hand-made checkpoints for tests: config.json + safetensors written from a dict of name -> (dtype, shape).
 
-`write_checkpoint` writes real tensors (random, non-zero data) or header-only files (valid headers, no
-data: enough for anything that reads headers only, such as resolve() and `lowbit inspect`).
+`write_checkpoint` writes real tensors (random, non-zero data) or header-only files (valid headers, the
+large tensors a sparse hole: enough for resolve() and `lowbit inspect`, which read headers and scales).
 `model_tensors` lists every tensor of a Llama/Phi-3 style model whose projections are stored in
 given schemes (on-disk layout from lowbit.quant.formats), for building variants to break.
 """
@@ -67,6 +67,7 @@ def model_tensors(cfg: dict, scheme_of=lambda module: Scheme(), fused: bool = Fa
     if not cfg.get("tie_word_embeddings"):
         modules.append(("lm_head", cfg["vocab_size"], h))
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    shapes: dict[str, list[int]] = {}  # weight_shape values
     for name, n, k in modules:
         scheme = scheme_of(name)
         scalar = (1,) if scheme.fmt == "compressed-tensors" else ()
@@ -74,6 +75,8 @@ def model_tensors(cfg: dict, scheme_of=lambda module: Scheme(), fused: bool = Fa
             if not spec.optional:
                 dtype = "BF16" if spec.dtype == FLOAT else spec.dtype
                 out[f"{name}.{role}"] = (dtype, scalar if spec.shape is None else spec.shape)
+                if role == "weight_shape":
+                    shapes[f"{name}.{role}"] = [n, k]
     params = {"model.embed_tokens.weight": (cfg["vocab_size"], h), "model.norm.weight": (h,)}
     for i in range(n_layers):
         params[f"model.layers.{i}.input_layernorm.weight"] = (h,)
@@ -82,11 +85,22 @@ def model_tensors(cfg: dict, scheme_of=lambda module: Scheme(), fused: bool = Fa
             out[f"model.layers.{i}.self_attn.k_proj.k_scale"] = ("F32", ())
             out[f"model.layers.{i}.self_attn.v_proj.v_scale"] = ("F32", ())
     out.update({n: ("BF16", s) for n, s in params.items()})
-    return {_on_disk_name(n, layout): v for n, v in out.items()}
+    result = Tensors({_on_disk_name(n, layout): v for n, v in out.items()})
+    result.values = {_on_disk_name(n, layout): v for n, v in shapes.items()}
+    return result
 
 
-def _random(dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+class Tensors(dict):
+    """name -> (dtype, shape), plus `values`: name -> the exact values of tensors whose values matter
+    beyond being non-zero (weight_shape). Edits in place keep `values`."""
+
+    values: dict[str, list[int]] = {}
+
+
+def _random(dtype: str, shape: tuple[int, ...], value=None) -> torch.Tensor:
     t = ST_DTYPES[dtype]
+    if value is not None and len(value) == torch.Size(shape).numel():
+        return torch.tensor(value).reshape(shape).to(t)
     if t.is_floating_point:
         x = torch.rand(shape) + 0.5  # non-zero
         return x.to(t)
@@ -95,8 +109,12 @@ def _random(dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randint(1, 100, shape, dtype=torch.int64).to(t)
 
 
-def _write_header_only(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]):
-    """A valid safetensors header whose data section is left out (headers-only readers never notice)."""
+SMALL = 256  # bytes: header-only files still hold real data for tensors this small (scales, weight_shape)
+
+
+def _write_header_only(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]], values: dict):
+    """A valid safetensors file whose large tensors are a sparse hole (zeros, no disk space, no time):
+    enough for anything that reads headers and scales only, such as resolve() and `lowbit inspect`."""
     header, offset = {}, 0
     for name, (dtype, shape) in tensors.items():
         n = ST_DTYPES[dtype].itemsize
@@ -106,7 +124,14 @@ def _write_header_only(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]
         offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, (dtype, shape) in tensors.items():
+            begin, end = header[name]["data_offsets"]
+            if 0 < end - begin <= SMALL:
+                f.seek(8 + len(raw) + begin)
+                f.write(_random(dtype, shape, values.get(name)).reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.truncate(8 + len(raw) + offset)
 
 
 def write_checkpoint(path, tensors: dict[str, tuple[str, tuple[int, ...]]], config: dict,
@@ -127,10 +152,11 @@ def write_checkpoint(path, tensors: dict[str, tuple[str, tuple[int, ...]]], conf
     for i, fname in enumerate(files):
         part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
         weight_map.update({n: fname for n in part})
+        values = getattr(tensors, "values", {})
         if header_only:
-            _write_header_only(path / fname, part)
+            _write_header_only(path / fname, part, values)
         else:
-            save_file({n: _random(d, s) for n, (d, s) in part.items()}, path / fname)
+            save_file({n: _random(d, s, values.get(n)) for n, (d, s) in part.items()}, path / fname)
     if shards > 1:
         (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path

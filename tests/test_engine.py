@@ -111,13 +111,13 @@ def test_fp8_kv_cache_matches_cacheless_forward():
     prompt = torch.randint(3, model.config.vocab_size, (6,)).tolist()
     out = model.generate([prompt], max_new_tokens=12, ignore_eos=True)[0].output_ids
     engine = model.engine(1, 18)
-    assert engine.cache.fp8 and engine.cache.k[0].dtype == torch.float8_e4m3fn
+    assert engine.cache.fp8 and engine.cache.layers[0]["k"].dtype == torch.float8_e4m3fn
     logits = model.logits(torch.tensor([prompt + out]))[0]
     assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == out
     # the bf16-cache option keeps full precision and reports it
     full = lowbit.load(fixture_dir("modelopt-fp8-kvfp8"), device="cpu", dtype="float32", kv_cache="bf16",
                        progress=False)
-    assert full.engine(1, 18).cache.k[0].dtype == torch.float32
+    assert full.engine(1, 18).cache.layers[0]["k"].dtype == torch.float32
     assert any("kept in the compute dtype" in n for n in full.report.notes)
 
 

@@ -1,4 +1,4 @@
-"""The fused decoder ops (lowbit/ops.py): Triton kernels against their PyTorch references.
+"""The fused decoder ops (lowbit/kernels/decoder.py): Triton kernels against their PyTorch references.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET before
 triton loads when there is no GPU). The interpreter has no bf16 matmul and rounds FP8 wrongly at
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from lowbit import ops
+from lowbit.kernels import decoder as ops
 
 triton = pytest.importorskip("triton")
 
@@ -40,6 +40,10 @@ def check_ops(device: str, dtypes, exact_fp8: bool) -> None:
         tol = 1e-6 if dt == torch.float32 else 1e-3  # sum order of the statistics: rare 1-ulp flips
         assert torch.equal(ra, rb) and rel_err(a, b) < tol
         assert rel_err(ops.rms_norm(x, w, 1e-5)[0], without_triton(ops.rms_norm, x, w, 1e-5)[0]) < tol
+        wz = (0.1 * torch.randn(1000, device=device)).to(dt)  # (1 + w) norms store w near zero
+        a, ra = ops.rms_norm(x, wz, 1e-6, r, True)
+        b, rb = without_triton(ops.rms_norm, x, wz, 1e-6, r, True)
+        assert torch.equal(ra, rb) and rel_err(a, b) < tol
         y = torch.randn(3, 2 * 1500, dtype=dt, device=device)
         # exp differs in the last fp32 bit between libraries: a rare 1-ulp flip after rounding
         assert rel_err(ops.silu_mul(y), ops.silu_mul_ref(y)) < (1e-6 if dt == torch.float32 else 1e-3)
@@ -89,9 +93,12 @@ def _check_decode_attention(dt, device, d):
             kc, vc = kc.to(dt), vc.to(dt)
         q = torch.randn(3, h, d, dtype=dt, device=device)
         slots, pos = torch.tensor([4, 1, 0], device=device), torch.tensor([0, 149, 70], device=device)
-        a = ops.decode_attention(q, kc, vc, slots, pos, d ** -0.5, ks, vs)
-        b = ops.decode_attention_ref(q, kc, vc, slots, pos, d ** -0.5, ks, vs)
-        assert rel_err(a, b) < (1e-5 if dt == torch.float32 else 1e-2), (dt, d, fp8)
+        for window in (None, 1, 16, 100):  # sliding window: only the last `window` keys
+            a = ops.decode_attention(q, kc, vc, slots, pos, d ** -0.5, ks, vs, window)
+            b = ops.decode_attention_ref(q, kc, vc, slots, pos, d ** -0.5, ks, vs, window)
+            assert rel_err(a, b) < (1e-5 if dt == torch.float32 else 1e-2), (dt, d, fp8, window)
+        full = ops.decode_attention_ref(q, kc, vc, slots, pos, d ** -0.5, ks, vs)
+        assert rel_err(ops.decode_attention_ref(q, kc, vc, slots, pos, d ** -0.5, ks, vs, 16), full) > 1e-3
 
 
 @pytest.mark.skipif(not ops.INTERPRET, reason="needs TRITON_INTERPRET=1 before triton loads")

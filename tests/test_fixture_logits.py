@@ -30,7 +30,12 @@ from lowbit.names import to_canonical
 W4A4 = ("modelopt-nvfp4", "modelopt-nvfp4-fused", "modelopt-nvfp4-lmhead", "modelopt-nvfp4-phi3",
         "modelopt-nvfp4-vlm-new", "modelopt-nvfp4-vlm-old", "modelopt-mixed", "modelopt-mixed-lmhead",
         "llmcompressor-nvfp4", "llmcompressor-nvfp4-lmhead", "llmcompressor-nvfp4-phi3",
-        "llmcompressor-nvfp4-vlm-old")
+        "llmcompressor-nvfp4-vlm-old", "modelopt-nvfp4-qwen3moe")
+# Qwen3.5 W4A4: measured 0.199 (ModelOpt, emulate) and 0.205 (llm-compressor, auto; emulate 0.218). The
+# activation quantizers sit on every projection of 4 layers incl. the Gated DeltaNet ones, and the
+# bf16 model alone differs by 0.0075; ModelOpt's own two references (pre-export fake-quant vs the
+# export) differ by 0.285, quantization moves the logits 0.30 from the bf16 base
+W4A4_HYBRID = ("modelopt-nvfp4-qwen3_5", "modelopt-nvfp4-qwen3_5-vlm", "llmcompressor-nvfp4-qwen3_5")
 ACT8 = ("modelopt-fp8", "modelopt-fp8-kvfp8", "modelopt-fp8-lmhead", "modelopt-fp8-phi3",
         "llmcompressor-fp8_dynamic", "llmcompressor-fp8_dynamic-lmhead", "llmcompressor-w8a8",
         "llmcompressor-w8a8-lmhead")
@@ -49,23 +54,37 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def lowbit_bound(name: str) -> tuple[str, float]:
     """(activation_quant mode, relative-L2 bound) for comparison 1."""
+    if name in W4A4_HYBRID:
+        return ("emulate" if name.startswith("modelopt") else "auto"), 0.25
+    if name == "modelopt-nvfp4-lmhead-nemotronh":
+        # NVFP4 activations on this tiny Mamba hybrid turn any rounding into ~20%: measured 0.210, and
+        # lowbit's own bf16 and fp32 emulated forwards differ by 0.247 (weight-only: 0.009)
+        return "emulate", 0.3
     if name in W4A4:
         # emulate = the reference's W4A4 activation numerics; NVFP4 activations turn small model-level
         # rounding differences into 11-18% (measured 0.066-0.175), as spec section 8 describes
         return "emulate", 0.2
-    if name in ACT8:
+    if name in ACT8 or name == "llmcompressor-w8a8-gemma3":
         # FP8/int8 activations: measured 0.020-0.056 (kvfp8: 0.052 against the pre-export model with
         # its FP8 KV cache); compressed-tensors computes activation scales in bf16 (and int8 ones
         # as amax/127.5), lowbit in fp32 with amax/127
         return "auto", 0.08
-    return "auto", 0.01  # unquantized and weight-only: measured 0.0063-0.0066, the bf16 model floor
+    if name == "base-gemma3-bf16":  # (1 + w) norms at every sublayer round once more: measured 0.0098
+        return "auto", 0.015
+    return "auto", 0.01  # unquantized and weight-only: measured 0.0063-0.0075 (Qwen3.5), the bf16 model floor
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def supported(names):
+    from test_resolve_fixtures import PENDING
+
+    return [n for n in names if n not in PENDING]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", all_fixture_names())
+@pytest.mark.parametrize("name", supported(all_fixture_names()))
 def test_lowbit_logits_match_the_reference(name, device):
     mode, bound = lowbit_bound(name)
     ids, ref = reference(name)
@@ -73,6 +92,17 @@ def test_lowbit_logits_match_the_reference(name, device):
                         progress=False)
     err = rel_l2(model.logits(ids.to(device)).cpu(), ref)
     assert err < bound, f"{name}: relative L2 {err:.4g} >= {bound} (activation_quant={mode})"
+
+
+@pytest.mark.parametrize("name", [n for n in supported(all_fixture_names()) if n.startswith("base-")])
+def test_fp32_logits_match_the_fp32_reference(name):
+    """Base fixtures carry transformers' fp32 forward (`logits_fp32_compute`): same arithmetic, so tight."""
+    ref = load_file(fixture_dir(name) / "reference_logits.safetensors")
+    if "logits_fp32_compute" not in ref:
+        pytest.skip(f"{name} has no fp32 reference")
+    model = lowbit.load(fixture_dir(name), device="cpu", dtype=torch.float32, progress=False)
+    err = rel_l2(model.logits(ref["input_ids"].reshape(1, -1)), ref["logits_fp32_compute"].reshape(1, -1, model.config.vocab_size))
+    assert err < 1e-5, f"{name}: relative L2 {err:.3g} against transformers' fp32 forward"
 
 
 def test_w4a4_checkpoints_run_weight_only_by_default_and_say_so():

@@ -157,3 +157,19 @@ def test_real_size_index_is_fast(tmp_path, capsys):
     with capsys.disabled():
         print(f"\ninspect, 8B-shaped NVFP4 index ({len(tensors)} tensors, 8 shards): "
               f"--json {seconds * 1000:.0f} ms, table {text_seconds * 1000:.0f} ms")
+
+
+def test_experts_are_one_line_per_projection(capsys):
+    """A MoE layer's experts show as one row per projection kind with the expert count, not one per expert."""
+    from conftest import fixture_dir
+    from lowbit.inspect import render, report
+
+    rep = report(fixture_dir("modelopt-nvfp4-qwen3moe"))
+    experts = [lay for lay in rep["layers"] if "experts" in lay]
+    assert [lay["name"] for lay in experts[:3]] == [f"model.layers.0.mlp.experts.*.{p}"
+                                                   for p in ("gate_proj", "up_proj", "down_proj")]
+    assert all(lay["experts"] == 4 for lay in experts) and len(experts) == 6
+    assert experts[0]["tensors"]["weight"]["name"] == "model.layers.0.mlp.experts.{e}.gate_proj.weight"
+    text = render(rep)
+    assert "model.layers.{0-1}.mlp.experts.*.gate_proj" in text and "4 experts" in text
+    assert "experts.3." not in text

@@ -90,7 +90,6 @@ def test_planar_shape_mismatch_and_support_rules():
 def test_gpu_planar_real_sizes(m, dtype):
     n, k = 4304, 4096
     x, bias = x_and_bias(m, n, k, dtype, True)
-    x = x / 16  # keeps fp16 outputs of these random weights in range
     packed, bs, rs = nvfp4_weight(n, k)
     ref = reference(x, nm.dequant_nvfp4(packed, bs, rs), bias)
     assert rel_err(kernels.nvfp4_linear(x, kernels.prepare_nvfp4(packed), bs, rs, bias), ref) < TOL

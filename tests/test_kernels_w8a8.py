@@ -10,10 +10,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from lowbit import kernels  # noqa: E402
 from lowbit.kernels import ops  # noqa: E402
-from lowbit.kernels.act_quant import quant_rows  # noqa: E402
+from lowbit.kernels.act_quant import _round_bf16, quant_rows  # noqa: E402
 from lowbit.quant import numerics as nm  # noqa: E402
 
 from conftest import requires_cuda  # noqa: E402
@@ -58,16 +60,44 @@ def test_fp8_rounding_ties_and_saturation():
     assert q.float()[0, 1] == 16.0 and q.float()[0, 2] == 20.0  # 17 -> 16, 19 -> 20 (even mantissas)
 
 
-def test_int8_quant_is_bit_exact_with_ties_to_even():
-    x = activations(4, 200)
-    x[0, :6] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 1.5])  # amax 127: scale 1, exact ties
+def int8_rows(m, k, dtype):
+    """Rows for the dynamic int8 rule: magnitudes from 1e-2 to 1e2, an extreme exactly on the tie
+    (amax 127.5 * 2^e: scale 2^e, x/s = +-127.5 -> 127 / -128), controlled ties inside a row, an
+    all-zero row, and (fp16) a row so small that its scale underflows to 0 and becomes eps."""
+    x = activations(m, k, dtype)
+    x[0, :6] = torch.tensor([127.5, 2.5, 3.5, -2.5, -0.5, 1.5])  # scale exactly 1: exact ties
     x[0, 6:] = x[0, 6:].clamp(-100, 100)
+    x[1] = x[1].clamp(-2, 2)
+    x[1, 7] = -127.5 * 4  # negative extreme on the tie, scale 4
+    x[2] = 0
+    x[3] = 1e-7 * torch.randn(k, device=DEV)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_dynamic_quant_is_compressed_tensors_rule_bit_exact(dtype):
+    x = int8_rows(6, 200, dtype)
     q, s = quant_rows(x, torch.int8)
-    xf = on_cpu(x)
-    s_ref = xf.abs().amax(-1) / 127.0
-    assert torch.equal(s.cpu(), s_ref)
-    assert torch.equal(q.cpu(), torch.round(xf / s_ref[:, None]).clamp(-128, 127).to(torch.int8))
-    assert q[0, :6].tolist() == [127, 2, 4, -2, 0, 2]
+    q_ref, s_ref = nm.quantize_int8_per_token(x.cpu())
+    assert torch.equal(s.cpu(), s_ref[:, 0])
+    assert torch.equal(q.cpu(), q_ref.to(torch.int8))
+    assert q[0, :6].tolist() == [127, 2, 4, -2, 0, 2] and q[1, 7] == -128 and float(s[1]) == 4.0
+    assert (q[2] == 0).all() and float(s[2]) == torch.finfo(dtype).eps
+
+
+@triton.jit
+def _round_bf16_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, _round_bf16(tl.load(x_ptr + offs)))
+
+
+def test_bf16_rounding_is_round_to_nearest_even():
+    """_round_bf16 (integer spelling) against torch's fp32 -> bf16 cast, ties and carries included."""
+    ties = torch.tensor([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, -(1 + 2.0 ** -8), 255.5, 2.0 ** -130, 3.3e38, 0.0, -0.0])
+    x = torch.cat([ties, torch.randn(248) * 10.0 ** torch.randint(-30, 30, (248,))]).to(DEV)
+    y = torch.empty_like(x)
+    _round_bf16_kernel[(1,)](x, y, BLOCK=256)
+    assert torch.equal(y.cpu().view(torch.int32), x.cpu().bfloat16().float().view(torch.int32))
 
 
 def test_static_scale_quant():
@@ -94,8 +124,10 @@ def test_given_amax_quantizes_a_slice_as_the_whole_row(dtype):
     x = activations(7, 301)
     x[:, 150:] *= 3  # most rows' amax in the second slice: the first slice's own would differ
     q, s = quant_rows(x, dtype)
-    qmax = 127.0 if dtype == torch.int8 else nm.FP8_MAX
-    assert torch.equal(s.cpu(), (on_cpu(x).abs().amax(-1) / qmax).clamp(min=1e-12))
+    if dtype == torch.int8:
+        assert torch.equal(s.cpu(), nm.quantize_int8_per_token(x.cpu())[1][:, 0])
+    else:
+        assert torch.equal(s.cpu(), (on_cpu(x).abs().amax(-1) / nm.FP8_MAX).clamp(min=1e-12))
     slices, amax = k_halves(x)
     parts = [quant_rows(part, dtype, amax=amax) for part in slices]
     for qp, sp in parts:
@@ -138,8 +170,11 @@ def test_int8_w8a8_matches_reference(m, static, dtype):
     scale = torch.tensor(0.03, device=DEV) if static else None
     y = kernels.int8_linear(x, w, ws, scale)
     xf = on_cpu(x)
-    xs = torch.full((m, 1), 0.03) if static else xf.abs().amax(-1, keepdim=True) / 127
-    q = torch.round(xf / xs).clamp(-128, 127)
+    if static:
+        xs = torch.full((m, 1), 0.03)
+        q = torch.round(xf / xs).clamp(-128, 127)
+    else:
+        q, xs = nm.quantize_int8_per_token(x.cpu())
     ref = (q.double() @ w.cpu().double().T).float() * xs * on_cpu(ws)  # exact integer sums
     assert y.dtype == dtype and rel_err(y.cpu(), ref) < TOL
 
@@ -182,7 +217,7 @@ def test_w8a8_linear_on_a_slice_of_k_with_the_rows_amax(fp8):
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
         ws = (torch.rand(n) * 0.01 + 1e-3).to(DEV)
         y = kernels.int8_linear(part, w[:, :h].contiguous(), ws, amax=amax)
-        xs = on_cpu(x).abs().amax(-1, keepdim=True) / 127
-        xq = torch.round(on_cpu(x) / xs).clamp(-128, 127) * xs
+        q, xs = nm.quantize_int8_per_token(x.cpu())
+        xq = q * xs
     ref = xq[:, :h] @ (on_cpu(w[:, :h]) * on_cpu(ws)[:, None]).T
     assert rel_err(y.cpu(), ref) < TOL

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+from compressed_tensors.quantization.quant_config import QuantizationStatus
 
 from conftest import fixture_dir
 from lowbit.errors import ConfigError
-from lowbit.quant.methods.int8 import quantize_int8_per_token
+from lowbit.quant.numerics import fake_quant_int8_per_token, quantize_int8_per_token
 from lowbit.quant.scheme import Scheme
 from test_methods_common import SCHEMES, build, deq, load, make_disk
 from test_methods_nvfp4 import ATTN, read_module
@@ -37,12 +39,44 @@ def int64_reference(xq: torch.Tensor, x_scale, layer) -> torch.Tensor:
     return acc.float() * x_scale * layer.weight_scale
 
 
-def test_per_token_quantization_rounds_half_to_even():
-    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.49, 0.0]])  # amax 127: scale exactly 1
+def ct_forward_quantize(x: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' own fake quantization of a dynamic per-token int8 input (W8A8's)."""
+    args = QuantizationArgs(num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True)
+    module = torch.nn.Linear(1, 1)
+    module.quantization_status = QuantizationStatus.FROZEN
+    return forward_quantize(module, x, "input", args)
+
+
+def tie_rows(b, t, k, dtype):
+    """[b, t, k] activations (compressed-tensors' per-token rule needs the batch dimension), rows of
+    magnitudes 1e-3..1e3, and rows whose extreme lands exactly on the tie: amax 127.5 * 2^e gives the
+    scale 2^e and x/s = +-127.5, which the rule clamps to 127 and rounds to -128."""
+    x = torch.randn(b, t, k) * torch.logspace(-3, 3, t)[None, :, None]
+    x[0, 0] = torch.randn(k).clamp(-1, 1)
+    x[0, 0, 3] = 127.5  # scale 1
+    x[0, 1] = torch.randn(k).clamp(-1, 1) * 16
+    x[0, 1, 5] = -127.5 * 2 ** 5  # scale 32, negative extreme
+    x[0, 2, :6] = torch.tensor([127.5, 2.5, 3.5, -2.5, -0.5, -0.0])  # ties inside a row, and -0
+    x[0, 2, 6:] = x[0, 2, 6:].clamp(-100, 100)
+    x[0, 3] = 0  # all-zero row: the scale becomes the dtype's eps
+    x[0, 4] = torch.randn(k) * 1e-7  # fp16: the scale underflows to 0 -> eps
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_per_token_rule_is_compressed_tensors_forward_quantize_bit_for_bit(dtype):
+    x = tie_rows(2, 40, 96, dtype)
+    ref = ct_forward_quantize(x)
+    ours = fake_quant_int8_per_token(x)
+    assert ours.dtype == ref.dtype == dtype
+    as_int = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(ours.view(as_int), ref.view(as_int))  # every bit, the signs of zeros included
     q, s = quantize_int8_per_token(x)
-    assert float(s) == 1.0 and q.tolist() == [[127, 0, 2, 2, -0, -2, 3, 0]]
-    q0, s0 = quantize_int8_per_token(torch.zeros(2, 4))  # padding rows: no NaN
-    assert torch.equal(q0, torch.zeros(2, 4)) and torch.isfinite(s0).all()
+    assert q[0, 0, 3] == 127 and q[0, 1, 5] == -128 and float(s[0, 1]) == 32.0
+    assert q[0, 2, :6].tolist() == [127, 2, 4, -2, -0.0, 0] and float(s[0, 3]) == torch.finfo(dtype).eps
+    assert torch.equal(q.to(dtype) * s.to(dtype), ours)  # the codes and scales the GEMM uses are these
+    # vLLM's amax/127 rule, which lowbit used before, is a different function
+    assert not torch.equal(torch.round(x.float() / (x.float().abs().amax(-1, keepdim=True) / 127)), q)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -52,11 +86,11 @@ def test_dynamic_per_token_forward_is_exact_integer_arithmetic(dtype):
     layer = build(scheme, (48, 16), k, dtype=dtype)
     load(layer, dict(enumerate(make_disk(scheme, n, k) for n in (48, 16))))
     x = (torch.randn(2, 3, k) * torch.rand(2, 3, 1) * 5).to(dtype)
-    xf = x.float()
-    amax = xf.abs().amax(-1, keepdim=True)
-    xq = torch.round(xf / (amax / 127))
-    assert torch.equal(layer(x), int64_reference(xq, amax / 127, layer).to(dtype))
-    assert torch.equal(xq.abs().amax(-1), torch.full((2, 3), 127.0))  # each row's max maps onto 127
+    ref = ct_forward_quantize(x)  # the producer's fake-quantized input: its codes and scales are ours
+    s = (x.abs().amax(-1, keepdim=True) / torch.tensor(127.5, dtype=dtype)).float()
+    xq = torch.round(ref.float() / s)
+    assert torch.equal(xq.to(dtype) * s.to(dtype), ref)
+    assert torch.equal(layer(x), int64_reference(xq, s, layer).to(dtype))
 
 
 def test_static_asymmetric_activations_with_zero_point():

@@ -20,11 +20,14 @@ KV1 = {"num_key_value_heads": 1}  # one KV head for two ranks: replicated
 # fp8: static activations; fp8-channel and int8-w8a8: dynamic per-token (row-parallel ranks
 # all-reduce each token's amax)
 SYNTHETIC = [("bf16", None), ("int4-g128", KV1), ("fp8", None), ("fp8-channel", None), ("int8-w8a8", None)]
+# MoE: experts split on their intermediate dimension, the router replicated (tiny-moe: 8 experts, top 2)
+SYNTHETIC_MOE = ["bf16", "nvfp4", "fp8"]
 # one fixture per scheme and layout (Phi-3: fused on disk; mixed precision; FP8 KV cache; lm_head)
 FIXTURE_CASES = ["base-llama-bf16", "base-phi3-bf16", "modelopt-fp8-kvfp8", "modelopt-fp8-lmhead",
                  "modelopt-mixed-lmhead", "modelopt-nvfp4-fused", "modelopt-w4a16_nvfp4-lmhead",
                  "llmcompressor-fp8_dynamic-lmhead", "llmcompressor-nvfp4-lmhead", "llmcompressor-nvfp4a16",
-                 "llmcompressor-w4a16-lmhead", "llmcompressor-w8a16", "llmcompressor-w8a8-lmhead"]
+                 "llmcompressor-w4a16-lmhead", "llmcompressor-w8a16", "llmcompressor-w8a8-lmhead",
+                 "base-qwen3moe-bf16", "modelopt-nvfp4-qwen3moe"]
 # The models compute in float64. The row-parallel all-reduce sums partial products in another order
 # than tp=1's GEMM; in float32 that moves a value by ~1e-7, and now and then one lands on the other
 # side of an FP8 rounding boundary, which on these tiny models moves the logits by up to 2e-2 (seen
@@ -39,8 +42,8 @@ def _model(case, seed):
     kind, name, extra = case
     if kind == "fixture":
         return lowbit.load(FIXTURES / name, device="cpu", dtype=COMPUTE, progress=False)
-    return synthetic.build("tiny", name, lm_head_quant=True, device="cpu", dtype=COMPUTE, seed=seed,
-                           overrides=extra)
+    return synthetic.build("tiny-moe" if kind == "synthetic-moe" else "tiny", name, lm_head_quant=True,
+                           device="cpu", dtype=COMPUTE, seed=seed, overrides=extra)
 
 
 def _run(cases, seed, ids, prompt):
@@ -61,7 +64,7 @@ def rel_err(a, b):
 @pytest.fixture(scope="module")
 def cases():
     fixtures = [("fixture", n, None) for n in FIXTURE_CASES if n in all_fixture_names()]
-    return [("synthetic", s, o) for s, o in SYNTHETIC] + fixtures
+    return [("synthetic", s, o) for s, o in SYNTHETIC] + [("synthetic-moe", s, None) for s in SYNTHETIC_MOE] + fixtures
 
 
 def test_two_gloo_ranks_equal_tp1(cases):
@@ -77,7 +80,8 @@ def test_two_gloo_ranks_equal_tp1(cases):
 
 
 def _bad_tp(name):
-    synthetic.build("tiny", "bf16", device="cpu", overrides={"num_attention_heads": 3, "head_dim": 64})
+    synthetic.build("tiny", "bf16", device="cpu", overrides={"num_attention_heads": 3, "num_key_value_heads": 1,
+                                                             "head_dim": 64})
 
 
 def test_tp_refuses_unsplittable_shapes():
@@ -170,7 +174,7 @@ def _rank_reference(name, disk, x, rank, tp):
     part = w.shape[1] // tp
     w[:, :rank * part] = 0
     w[:, (rank + 1) * part:] = 0
-    return layer(x.float())
+    return layer(x).float()  # in x's dtype: compressed-tensors' int8 rule rounds x/s to it
 
 
 def test_row_parallel_layer_quantizes_with_the_unsplit_scales():

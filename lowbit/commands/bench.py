@@ -9,23 +9,20 @@ Prints a table, or JSON with --json. --tp N runs N tensor-parallel ranks (rank 0
 """
 from __future__ import annotations
 
-import datetime
 import json
-import statistics
-import time
-
-import torch
 
 
 def register(sub):
     p = sub.add_parser("bench", help="prefill/decode throughput, bandwidth share, memory (optionally vs transformers)")
     p.add_argument("path", nargs="?", help="checkpoint directory (or use --synthetic)")
-    p.add_argument("--synthetic", metavar="NAME", help="random-weight model: llama-3-8b, llama-3-70b-layer, qwen3-8b, tiny")
+    p.add_argument("--synthetic", metavar="NAME", help="random-weight model: llama-3-8b, llama-3-70b-layer, qwen3-8b, qwen3-30b-a3b, qwen3.5-27b, "
+                   "qwen3.5-35b-a3b, nemotron-h-8b, small, tiny, tiny-moe")
     p.add_argument("--scheme", default="bf16", help="with --synthetic: bf16, fp8, fp8-channel, nvfp4, w4a16-nvfp4, "
                                                    "int4-g128, int8-w8a8 (or a `lowbit quantize` preset)")
     p.add_argument("--lm-head-quant", action="store_true", help="with --synthetic: quantize lm_head too")
     p.add_argument("--kv-cache-fp8", action="store_true", help="with --synthetic: an FP8 KV cache")
-    p.add_argument("--prompt-lens", default="512,2048", help="prefill prompt lengths (comma-separated)")
+    p.add_argument("--prompt-lens", default=None, help="prefill prompt lengths, comma-separated (default: 512,2048, "
+                                                      "those that fit the model's max_position_embeddings)")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes (comma-separated)")
     p.add_argument("--new-tokens", type=int, default=256, help="decode steps per batch size")
     p.add_argument("--decode-prompt", type=int, default=128, help="prompt length before the decode steps")
@@ -40,23 +37,15 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    from ..errors import LowbitError
-
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise LowbitError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise LowbitError(f"{flag} needs positive integers, got {text!r}")
-    return values
-
-
 def run(args) -> int:
     from ..errors import LowbitError
 
     if bool(args.path) == bool(args.synthetic):
         raise LowbitError("give a checkpoint PATH or --synthetic NAME (one of them)")
+    from ..bench import bench, format_table
+
+    if args.tp < 1:
+        raise LowbitError("--tp must be >= 1")
     if args.tp > 1:
         from .. import parallel
 
@@ -67,242 +56,3 @@ def run(args) -> int:
     return 0
 
 
-def _load(opts: dict):
-    from types import SimpleNamespace
-
-    if opts["synthetic"]:
-        from .. import synthetic
-        from ..config import parse_dtype
-
-        return synthetic.build(opts["synthetic"], opts["scheme"], lm_head_quant=opts["lm_head_quant"],
-                               device=opts["device"], dtype=parse_dtype(opts["dtype"]) or torch.bfloat16,
-                               kv_cache="fp8" if opts["kv_cache_fp8"] else "auto",
-                               activation_quant=opts["activation_quant"], use_kernels=not opts["no_kernels"])
-    from .generate import load_from_args
-
-    return load_from_args(SimpleNamespace(**opts))
-
-
-def bench(opts: dict) -> dict:
-    """Every measurement for one model; a dict of plain values (the JSON output)."""
-    from .. import parallel
-
-    prompt_lens = _ints(opts["prompt_lens"], "--prompt-lens")
-    batches = _ints(opts["batches"], "--batches")
-    rank, tp = parallel.current()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    before = _allocated()
-    model = _load(opts)
-    dev = model.device
-    res = {"model": opts["synthetic"] or opts["path"], "scheme": _scheme_label(model), "tp": tp,
-           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "torch": torch.__version__, "triton": _triton_version(),
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "cuda_graphs": not opts["no_graphs"] and dev.type == "cuda"}
-    res["copy_gbps"] = copy_bandwidth(dev) / 1e9
-    res["weight_bytes_per_step"] = step_weight_bytes(model)
-    res["disk_bytes"] = model.report.bytes_read
-    res["gpu_model_bytes"] = (_allocated() - before) if dev.type == "cuda" else model.weight_bytes()
-    res["memory_vs_disk"] = res["gpu_model_bytes"] * tp / max(1, res["disk_bytes"])  # all ranks together
-    if dev.type == "cuda":  # the load's own transient (e.g. quantizing a synthetic model) is reported apart
-        res["load_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    res["prefill"] = {str(p): prefill_rate(model, p) for p in prompt_lens}
-    res["decode"] = {str(b): decode_rate(model, b, opts["decode_prompt"], opts["new_tokens"], not opts["no_graphs"],
-                                         res["weight_bytes_per_step"], res["copy_gbps"]) for b in batches}
-    res["generate_b1_tok_s"] = generate_rate(model, opts["decode_prompt"], opts["new_tokens"])
-    if dev.type == "cuda":
-        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
-    res["notes"] = sorted({n for d in res["decode"].values() for n in d.pop("notes")})
-    del model
-    if opts["compare_hf"]:
-        res["hf"] = hf_rates(opts, prompt_lens, dev)
-        b1 = res["decode"].get("1")
-        if b1:
-            res["speedup_vs_hf_b1"] = b1["tok_s"] / res["hf"]["decode_b1_tok_s"]
-    return res
-
-
-# ------------------------------------------------------------------ measurements
-def _allocated() -> int:
-    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
-def _scheme_label(model) -> str:
-    heads = {g.parts[0].method.scheme.label() for n, g in model.net.named_modules()
-             if n.endswith("mlp.down_proj") and hasattr(g, "parts")}
-    head = model.net.lm_head
-    head_label = "tied embedding" if head is None else head.parts[0].method.scheme.label()
-    return f"{', '.join(sorted(heads))}; lm_head {head_label}"
-
-
-def copy_bandwidth(dev, nbytes: int | None = None) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (median of 10)."""
-    nbytes = nbytes or (2**30 if dev.type == "cuda" else 2**25)
-    src = torch.randn(nbytes // 4, device=dev)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(13):
-        _sync(dev)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(dev)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times)
-
-
-def step_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every projection and norm, the head (the tied
-    embedding when there is no separate head), not the embedding rows it looks up."""
-    net = model.net
-    total = 0
-    for name, p in net.named_parameters():
-        if name == "model.embed_tokens.weight" and net.lm_head is not None:
-            continue
-        total += p.numel() * p.element_size()
-    return total + sum(b.numel() * b.element_size() for b in net.buffers())
-
-
-def prefill_rate(model, length: int) -> dict:
-    from ..engine import Engine
-    from ..sampling import SamplingParams
-
-    engine = Engine(model, 1, length + 1, cuda_graphs=False)
-    ids = torch.randint(3, model.config.vocab_size, (length,)).tolist()
-    times = []
-    for i in range(4):
-        slot = engine.acquire()
-        _sync(model.device)
-        t0 = time.perf_counter()
-        engine.prefill(slot, ids, SamplingParams()).get()
-        if i:
-            times.append(time.perf_counter() - t0)
-        engine.release(slot)
-    t = statistics.median(times)
-    return {"tok_s": length / t, "ms": 1000 * t}
-
-
-def decode_rate(model, batch: int, prompt: int, steps: int, graphs: bool, weight_bytes: int, copy_gbps: float) -> dict:
-    from ..engine import Engine
-    from ..sampling import SamplingParams
-
-    greedy = SamplingParams()
-    engine = Engine(model, batch, prompt + steps + 8, cuda_graphs=graphs)
-    slots = [engine.acquire() for _ in range(batch)]
-    for s in slots:
-        engine.prefill(s, torch.randint(3, model.config.vocab_size, (prompt,)).tolist(), greedy)
-    engine.capture([batch])
-    for _ in range(3):  # warm-up steps (compilation, cuBLAS heuristics)
-        engine.decode(slots, greedy)
-    _sync(model.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        last = engine.decode(slots, greedy)
-    last.get()
-    _sync(model.device)
-    t = (time.perf_counter() - t0) / steps
-    cfg, cache = model.config, engine.cache
-    kv_per_pos = 2 * cfg.num_layers * cache.k[0].shape[2] * cfg.head_dim * cache.k[0].element_size()
-    kv_bytes = batch * kv_per_pos * (prompt + 3 + steps / 2)  # mean context over the timed steps
-    gbps = (weight_bytes + kv_bytes) / t / 1e9
-    out = {"tok_s": batch / t, "ms_per_step": 1000 * t, "kv_bytes_per_step": int(kv_bytes), "gbps": gbps,
-           "share_of_copy_bw": gbps / copy_gbps, "cuda_graphs": engine.cuda_graphs, "notes": engine.notes}
-    return out
-
-
-def generate_rate(model, prompt: int, steps: int) -> float:
-    """Batch-1 tokens/s through Model.generate (host loop, detokenization-free, pipelined)."""
-    ids = torch.randint(3, model.config.vocab_size, (prompt,)).tolist()
-    model.engine(1, prompt + steps)  # sized (and captured, by the warm-up) outside the timing
-    model.generate([ids], max_new_tokens=4, ignore_eos=True)
-    t0 = time.perf_counter()
-    model.generate([ids], max_new_tokens=steps, ignore_eos=True)
-    return steps / (time.perf_counter() - t0)
-
-
-def hf_rates(opts: dict, prompt_lens: list[int], dev) -> dict:
-    """transformers in bf16 with random weights of the same shapes: prefill and batch-1 decode."""
-    import transformers
-
-    if opts["synthetic"]:
-        from .. import synthetic
-
-        raw = dict(synthetic.model_config(opts["synthetic"]))
-        cfg = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
-    else:
-        cfg = transformers.AutoConfig.from_pretrained(opts["path"])
-        if hasattr(cfg, "quantization_config"):  # same shapes, plain bf16 weights
-            del cfg.quantization_config
-    with torch.device(dev):
-        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(dev).eval()
-    out = {"version": transformers.__version__, "prefill": {}}
-    with torch.inference_mode():
-        for p in prompt_lens:
-            ids = torch.randint(3, cfg.vocab_size, (1, p), device=dev)
-            times = []
-            for i in range(3):
-                _sync(dev)
-                t0 = time.perf_counter()
-                hf(ids, logits_to_keep=1)
-                _sync(dev)
-                if i:
-                    times.append(time.perf_counter() - t0)
-            out["prefill"][str(p)] = {"tok_s": p / statistics.median(times)}
-        ids = torch.randint(3, cfg.vocab_size, (1, opts["decode_prompt"]), device=dev)
-        n = opts["hf_new_tokens"]
-
-        def gen(k):
-            _sync(dev)
-            t0 = time.perf_counter()
-            hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
-            _sync(dev)
-            return time.perf_counter() - t0
-
-        gen(2)
-        out["decode_b1_tok_s"] = (n - 1) / (gen(n) - gen(1))
-    del hf
-    return out
-
-
-# ------------------------------------------------------------------ output
-def format_table(r: dict) -> str:
-    gb = 1e9
-    lines = [f"{r['model']}  [{r['scheme']}]  tp={r['tp']}",
-             f"{r['device']}  torch {r['torch']}  triton {r['triton']}  {r['date']}",
-             f"copy bandwidth (read+write): {r['copy_gbps']:.0f} GB/s; weights read per decode step: "
-             f"{r['weight_bytes_per_step'] / gb:.2f} GB -> roofline {r['copy_gbps'] * gb / r['weight_bytes_per_step']:.0f} "
-             f"steps/s",
-             f"memory: model {r['gpu_model_bytes'] / gb:.2f} GB{' per rank' if r['tp'] > 1 else ''}; all ranks "
-             f"{r['memory_vs_disk']:.2f}x its {r['disk_bytes'] / gb:.2f} GB on disk" + (
-                 f"; peak {r['peak_gpu_bytes'] / gb:.2f} GB running, {r['load_peak_gpu_bytes'] / gb:.2f} GB loading"
-                 if "peak_gpu_bytes" in r else ""),
-             "", f"{'prefill tokens':>14} {'tok/s':>10} {'ms':>9}"]
-    lines += [f"{p:>14} {v['tok_s']:>10.0f} {v['ms']:>9.2f}" for p, v in r["prefill"].items()]
-    lines += ["", f"{'decode batch':>14} {'tok/s':>10} {'ms/step':>9} {'GB/s':>8} {'of copy BW':>10} {'graphs':>6}"]
-    lines += [f"{b:>14} {v['tok_s']:>10.1f} {v['ms_per_step']:>9.3f} {v['gbps']:>8.0f} {v['share_of_copy_bw']:>10.0%} "
-              f"{'yes' if v['cuda_graphs'] else 'no':>6}" for b, v in r["decode"].items()]
-    lines.append(f"\nModel.generate, batch 1: {r['generate_b1_tok_s']:.1f} tok/s")
-    if "hf" in r:
-        hf = r["hf"]
-        pre = ", ".join(f"{p}: {v['tok_s']:.0f}" for p, v in hf["prefill"].items())
-        lines.append(f"transformers bf16: decode batch 1 {hf['decode_b1_tok_s']:.1f} tok/s; prefill tok/s {pre}")
-        if "speedup_vs_hf_b1" in r:
-            lines.append(f"lowbit / transformers, decode batch 1: {r['speedup_vs_hf_b1']:.1f}x")
-    lines += [f"note: {n}" for n in r["notes"]]
-    return "\n".join(lines)

@@ -14,13 +14,17 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..demo import format_table, run_demo
+    from ..progress import step
 
+    from ..model import resolve_device
+
+    resolve_device(args.device)  # an unusable --device fails now, not after building the model
     t0 = time.perf_counter()
     workdir = None
     if args.keep:
         workdir = Path(args.keep)
         workdir.mkdir(parents=True, exist_ok=True)
-    rows = run_demo(workdir, device=args.device)
+    rows = run_demo(workdir, device=args.device, log=step)  # a line per step on stderr, also when piped
     print()
     print(format_table(rows))
     print(f"\ntop-1: share of 96 positions whose most likely next token equals the bf16 model's; "

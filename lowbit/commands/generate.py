@@ -19,24 +19,37 @@ def add_load_options(p):
     p.add_argument("--no-kernels", action="store_true", help="run the plain-PyTorch reference paths")
 
 
-def load_from_args(args):
-    import lowbit
+def load_from_args(args, announce: bool = True):
+    """lowbit.load with the command's options; on success one line on stderr says what was loaded and how
+    fast (a load large enough to take seconds shows its progress as it goes: lowbit/loader.py)."""
+    import time
 
-    return lowbit.load(args.path, device=args.device, dtype=args.dtype, activation_quant=args.activation_quant,
-                       kv_cache=args.kv_cache, trust_tensors=args.trust_tensors, use_kernels=not args.no_kernels)
+    import lowbit
+    from .. import parallel
+    from ..progress import step
+
+    quiet = not announce or parallel.current()[0] != 0
+    t0 = time.perf_counter()
+    model = lowbit.load(args.path, device=args.device, dtype=args.dtype, activation_quant=args.activation_quant,
+                        kv_cache=args.kv_cache, trust_tensors=args.trust_tensors, use_kernels=not args.no_kernels)
+    if not quiet:
+        r = model.report
+        step(f"loaded {r.tensors_read} tensors ({r.bytes_read / 1e6:.1f} MB) on {model.device} in "
+             f"{time.perf_counter() - t0:.1f} s")
+    return model
 
 
 def register(sub):
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("path", help="checkpoint directory")
     p.add_argument("--prompt", required=True, action="append",
-                   help="prompt text (repeat for a batch)")
+                   help="prompt text (repeat for a batch); '-' reads the prompt from standard input")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help='print {"prompt_ids", "output_ids", "text"} per prompt')
     p.add_argument("--tp", type=int, default=1,
@@ -50,6 +63,7 @@ def run(args) -> int:
 
     if args.max_new_tokens < 0:
         raise LowbitError("--max-new-tokens must be >= 0")
+    args.prompt = read_prompts(args.prompt)
     try:
         from ..sampling import SamplingParams
 
@@ -64,6 +78,20 @@ def run(args) -> int:
         parallel.launch(args.tp, _on_rank, vars(args))
         return 0
     return _generate(args)
+
+
+def read_prompts(prompts: list[str]) -> list[str]:
+    """'-' stands for standard input (once); an empty prompt is refused before anything loads."""
+    from ..errors import LowbitError
+
+    if prompts.count("-") > 1:
+        raise LowbitError("--prompt - (standard input) can be given once")
+    out = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in prompts]
+    for i, p in enumerate(out):
+        if not p:
+            src = "standard input was empty" if prompts[i] == "-" else "it is empty"
+            raise LowbitError(f"--prompt number {i + 1}: {src}; give some text")
+    return out
 
 
 def _on_rank(opts: dict) -> None:

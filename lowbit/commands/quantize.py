@@ -1,8 +1,6 @@
 """`lowbit quantize SRC OUT --scheme S --format F`: write a ModelOpt or compressed-tensors checkpoint."""
 from __future__ import annotations
 
-import sys
-
 
 def register(sub):
     from ..quantize.recipes import SCHEME_HELP
@@ -27,7 +25,7 @@ def register(sub):
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--device", default=None, help="where to compute: cuda, cpu (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
 
 
@@ -40,7 +38,7 @@ def run(args) -> int:
     s = quantize(args.src, args.out, args.scheme, args.fmt, lm_head=args.lm_head, exclude=args.exclude,
                  calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                  max_shard_size=args.max_shard_size, device=args.device, force=args.force,
-                 progress=not args.no_progress and sys.stderr.isatty())
+                 progress=not args.no_progress)
     kept = f"; kept unquantized: {', '.join(s.unquantized)}" if s.unquantized else ""
     calib = f"; calibrated on {s.calibration_tokens} tokens" if s.calibration_tokens else ""
     print(f"wrote {s.out} ({s.fmt}, {s.recipe}): {len(s.quantized)} Linear modules quantized{kept}{calib}")

@@ -102,7 +102,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _load(args):
     if not args.synthetic:
-        return load_from_args(args)
+        return load_from_args(args, announce=False)  # the banner says when it is ready
     import torch
 
     from .. import synthetic

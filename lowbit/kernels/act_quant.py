@@ -5,14 +5,16 @@ saturates and stores, so x is read from HBM once (the second pass hits L2) and w
 8-bit codes. Numerics match lowbit.quant.numerics:
 
   fp8:  s = max(amax / 448, 1e-12); q = e4m3_rne(clamp(x / s, +-448))
-  int8: s = max(amax / 127, 1e-12); q = clamp(round_half_even(x / s), -128, 127)
+  int8 (dynamic, compressed-tensors' rule, numerics.quantize_int8_per_token): s = dt(amax / 127.5),
+        0 -> eps(dt); q = clamp(round_half_even(dt(x / s)), -128, 127), dt = x's dtype
+  int8 (static input_scale s): q = clamp(round_half_even(x / s), -128, 127) in fp32
 
 A static scale (a checkpoint's input_scale) replaces the amax pass, and so does a given per-row
 amax: a row-parallel layer under tensor parallelism holds a slice of K, so its amax over the whole
 row comes from an all-reduce (lowbit.parallel.whole_k_amax) and the scale is formed here, by the
 same formula as the unsplit row. The division is IEEE
 (div_rn), and the rounding is done in fp32 arithmetic so that the result is bit-exact on GPU and
-in the CPU interpreter alike.
+in the CPU interpreter alike (the interpreter truncates fp32 -> bf16 casts, hence `_round_bf16`).
 """
 from __future__ import annotations
 
@@ -37,9 +39,31 @@ def _round_e4m3(v):
 
 
 @triton.jit
+def _round_bf16(v):
+    """fp32 v rounded to bf16 precision, ties to even, staying in fp32 (the integer spelling of
+    cvt.rn.bf16.f32, for finite v)."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to(v, DT: tl.constexpr):
+    """fp32 v rounded to DT's precision (bf16, fp16 or fp32 itself), kept in fp32."""
+    if DT == tl.bfloat16:
+        return _round_bf16(v)
+    elif DT == tl.float16:
+        return v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, amax_ptr, K, stride_xm, stride_qm,
                        IS_INT: tl.constexpr, STATIC: tl.constexpr, GIVEN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
-    QMAX: tl.constexpr = 127.0 if IS_INT else 448.0
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    CT_INT: tl.constexpr = IS_INT and not STATIC  # compressed-tensors' dynamic int8 rule: steps in DT
+    QMAX: tl.constexpr = 127.5 if IS_INT else 448.0
+    EPS: tl.constexpr = 2.0 ** -7 if DT == tl.bfloat16 else 2.0 ** -10 if DT == tl.float16 else 2.0 ** -23
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
@@ -55,10 +79,16 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, in_scale_ptr, amax_ptr, K, stride_xm
                 x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
                 acc = tl.maximum(acc, tl.abs(x))
             amax = tl.max(acc, axis=0)
-        s = tl.maximum(tl.math.div_rn(amax, QMAX), 1e-12)
+        if CT_INT:
+            s = _round_to(tl.math.div_rn(amax, QMAX), DT)
+            s = tl.where(s == 0.0, EPS, s)
+        else:
+            s = tl.maximum(tl.math.div_rn(amax, QMAX), 1e-12)
     for k0 in range(0, K, BLOCK):
         ok = k0 + offs < K
         v = tl.math.div_rn(tl.load(x_row + k0 + offs, mask=ok, other=0.0).to(tl.float32), s)
+        if CT_INT:
+            v = _round_to(v, DT)
         if IS_INT:  # + - 1.5*2^23 rounds |v| < 2^22 to an integer, ties to even
             q = tl.clamp((v + 12582912.0) - 12582912.0, -128.0, 127.0).to(tl.int8)
         else:

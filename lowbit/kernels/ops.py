@@ -178,7 +178,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
                 input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 quantize_input: bool = True, amax: torch.Tensor | None = None) -> torch.Tensor:
     """int8 weights [N, K] with an fp32 per-row scale. quantize_input (W8A8): x quantized to int8
-    per token (scale amax/127, round half to even; amax as in fp8_linear) or with the static
+    per token by compressed-tensors' rule (scale amax/127.5 and x/scale rounded to x's dtype, round
+    half to even; numerics.quantize_int8_per_token; amax as in fp8_linear) or with the static
     symmetric `input_scale`; int8 tensor cores, int32 accumulation, both scales in the epilogue.
     Else weight-only (upcast)."""
     from .act_quant import quant_rows

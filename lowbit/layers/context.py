@@ -5,7 +5,8 @@ for its own cache by layer index. `ctx is None` means a cache-less causal forwar
 (`Model.logits`, the reference path).
 
 Cache kinds (what a layer declares through `cache_spec`, what the engine allocates per slot):
-  kv      : {"k": [L, Hkv, D], "v": [L, Hkv, D]} in the compute dtype (float8_e4m3fn for an FP8 cache)
+  kv      : {"k": [Hkv, D], "v": [Hkv, D]} per position, in the compute dtype (float8_e4m3fn for an
+            FP8 cache); the engine adds the length: [num_slots + 1, max_len, Hkv, D]
   state   : named per-slot tensors of a recurrent layer, e.g. {"conv": [C, K-1], "ssm": [H, dk, dv]}
 
 Every per-slot tensor is allocated as [num_slots + 1, *shape]: row `num_slots` is the pad slot that

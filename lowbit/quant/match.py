@@ -104,12 +104,13 @@ def config_entries(qc: QuantConfig) -> list[tuple[str, str]]:
     return out
 
 
-def unmatched_entries(qc: QuantConfig, known_modules: set[str]) -> list[tuple[str, str]]:
-    """Config entries that match no module of the checkpoint (known_modules: canonical names)."""
+def unmatched_entries(qc: QuantConfig, known_modules: set[str], canonical=to_canonical) -> list[tuple[str, str]]:
+    """Config entries that match no module of the checkpoint (known_modules: canonical names;
+    canonical: the family's name mapping, Family.sanitize)."""
     spellings = [n for m in known_modules for n in candidates(m)]
     out = []
     for where, pattern in config_entries(qc):
-        if is_exact(pattern) and to_canonical(pattern) in known_modules:
+        if is_exact(pattern) and canonical(pattern) in known_modules:
             continue
         if not any(pattern_matches(pattern, n) for n in spellings):
             out.append((where, pattern))

@@ -132,6 +132,44 @@ def fake_quant_fp8_activation(x: torch.Tensor, scale: torch.Tensor | None,
     return (quantize_fp8(xf, s).float() * s).to(x.dtype)
 
 
+# ---------------------------------------------------------------- int8 activations (compressed-tensors)
+INT8_TOKEN_DIVISOR = 127.5  # compressed-tensors: amax / ((127 - (-128)) / 2)
+
+
+def quantize_int8_per_token(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' dynamic symmetric per-token int8 rule (0.20: `calculate_qparams`, then
+    `forward._quantize_dequantize`), every step in x's dtype as it computes them:
+
+      s = dtype(amax / 127.5), a zero s -> finfo(dtype).eps;  v = dtype(x / s) + 0;
+      q = round_half_even(clamp(v, -128, 127))
+
+    (vLLM's serving kernels use amax / 127 in fp32 instead; a row's positive extreme then maps to
+    127, here to 127 and its negative extreme to -128.) Rows are the last dimension: compressed-
+    tensors reduces every dimension but the first two, so for the [batch, seq, hidden] inputs of a
+    transformers forward the two agree. amax ([..., 1], e.g. over the whole K under tensor
+    parallelism) replaces each row's own. float64 inputs (the exact tensor-parallel checks) are
+    quantized as float32, as the other activation quantizers take them, so that a float32 amax
+    all-reduced over ranks is exact. Returns (q as float32 integers, s as float32 [..., 1]).
+    """
+    if x.dtype == torch.float64:
+        x = x.float()
+    dt = x.dtype
+    if amax is None:
+        amax = x.abs().amax(dim=-1, keepdim=True)
+    amax = amax.to(dt)  # the max of dt values: exact
+    s = amax / amax.new_tensor(INT8_TOKEN_DIVISOR)  # a 0-d divisor on the device: the IEEE quotient everywhere
+    s = torch.where(s == 0, s.new_tensor(torch.finfo(dt).eps), s)
+    v = x / s + x.new_zeros(())  # CT adds its zero point (0), turning x = -0 into +0
+    return torch.round(v.clamp(-128, 127)).float(), s.float()
+
+
+def fake_quant_int8_per_token(x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """quantize_int8_per_token dequantized in x's dtype: bit for bit compressed-tensors'
+    `forward_quantize` of a dynamic per-token int8 input."""
+    q, s = quantize_int8_per_token(x, amax)
+    return q.to(x.dtype) * s.to(x.dtype)
+
+
 # ---------------------------------------------------------------- compressed-tensors int packing
 def pack_int32(q: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     """Signed ints in [-2^(b-1), 2^(b-1)) -> int32 words along `dim` (CT pack-quantized).

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..config import ModelConfig, parse_model_config
-from ..models.layout import LinearSlot, linear_slots
-from ..names import is_vision, split_tensor_name, to_canonical
+from ..models import family
+from ..models.slots import ExpertSlot, LinearSlot
+from ..names import is_vision, split_tensor_name
 from .config import QuantConfig, parse_quant_config
 from .base import TensorSpec
 from .formats import FLOAT, check_tensor, expected_tensors, fmt_shape, mismatches
 from .infer import infer_scheme
+from .values import check_values
 from .match import Decision, decide, is_exact, unmatched_entries
 from .scheme import ST_FLOAT_NAMES, Scheme, unquantized
 
@@ -33,12 +35,14 @@ class LayerPlan:
     tensors: dict[str, str] = field(default_factory=dict)  # role -> on-disk tensor name
     notes: list[str] = field(default_factory=list)
     reason: str = ""  # which config entry (or override) gave it this scheme
+    expert: int | None = None  # an expert of a stacked-experts slot (None: not an expert, or every expert)
 
 
 @dataclass
 class Problem:
     layer: str
     message: str
+    trust_fixes: bool = False  # the config and the tensors disagree: trust_tensors resolves from the tensors
 
     def __str__(self):
         return f"{self.layer}: {self.message}"
@@ -62,6 +66,8 @@ class QuantPlan:
         """How to build one slot: groups of on-disk modules that run as one QLinear each."""
         if slot.fused_name in self.layers and self.layers[slot.fused_name].shard is None:
             return [[self.layers[slot.fused_name]]]
+        if isinstance(slot, ExpertSlot):  # one stack, whatever its experts hold (resolve refuses a mix)
+            return [[lp for lp in self.layers.values() if lp.slot == slot.name]]
         plans = [self.layers[s] for s in slot.shards if s in self.layers]
         groups: list[list[LayerPlan]] = []
         for p in plans:
@@ -77,14 +83,17 @@ KV_SCALE_LEAVES = ("k_scale", "v_scale", "kv_scale")
 RULE_NAMES = {"exclude": "exclude/ignore list", "quantized_layers": "quantized_layers",
               "config_groups": "config_groups targets", "default": "quantization algorithm"}
 # Spellings of KV-cache scales: self_attn.k_proj.k_scale (ModelOpt), self_attn.k_scale (compressed-tensors),
-# self_attn.attn.k_scale (vLLM), self_attn.kv_scale (older exports: one scale for both).
-KV_MODULE = re.compile(r"^(model\.layers\.\d+)\.self_attn(?:\.k_proj|\.v_proj|\.attn)?$")
+# self_attn.attn.k_scale (vLLM), self_attn.kv_scale (older exports: one scale for both); Nemotron-H's
+# attention is its layer's `mixer`. Keys are `model.layers.N.self_attn.{k,v}_scale` whatever the spelling.
+KV_MODULE = re.compile(r"^(model\.layers\.\d+)\.(?:self_attn|mixer)(?:\.k_proj|\.v_proj|\.attn)?$")
 
 
 def module_index(slots: list[LinearSlot]) -> dict[str, tuple[LinearSlot, int | None]]:
     """canonical on-disk module name -> (slot, shard index or None for fused-on-disk)."""
     idx: dict[str, tuple[LinearSlot, int | None]] = {}
     for slot in slots:
+        if isinstance(slot, ExpertSlot):
+            continue
         if len(slot.shards) > 1:
             idx[slot.fused_name] = (slot, None)
         for i, s in enumerate(slot.shards):
@@ -93,21 +102,14 @@ def module_index(slots: list[LinearSlot]) -> dict[str, tuple[LinearSlot, int | N
 
 
 def expected_params(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical names and shapes of the model's non-linear parameters."""
-    h = (cfg.hidden_size,)
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": h}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = h
-        if cfg.qk_norm:
-            shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (cfg.head_dim,)
-    return shapes
+    """Canonical names and shapes of the model's non-linear parameters (as its family declares them)."""
+    return family(cfg).expected_params(cfg)
 
 
 def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
     cfg = parse_model_config(ckpt.config, where=str(ckpt.path / "config.json"))
     qc = parse_quant_config(ckpt.config, ckpt.hf_quant_config, str(ckpt.path))
-    slots = linear_slots(cfg)
+    slots = family(cfg).linear_slots(cfg)
     plan = QuantPlan(model=cfg, slots=slots, layers={}, params={}, quant_config=qc)
     if qc is not None:
         plan.producer = {"name": qc.producer, "version": qc.version, "algo": qc.algo, "source": qc.source}
@@ -116,10 +118,15 @@ def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
     r = _Resolver(ckpt, plan, qc, trust_tensors)
     on_disk = r.classify()
     for slot in slots:
-        r.resolve_slot(slot, on_disk)
+        if isinstance(slot, ExpertSlot):
+            r.resolve_experts(slot, on_disk)
+        else:
+            r.resolve_slot(slot, on_disk)
     r.check_kv_scales()
     r.check_params()
     r.check_config_names(on_disk)
+    for layer, message in check_values(ckpt, plan):  # scale values: shared with the loader through plan.problems
+        r.problem(layer, message)
     return plan
 
 
@@ -135,9 +142,19 @@ class _Resolver:
     def __init__(self, ckpt: Checkpoint, plan: QuantPlan, qc: QuantConfig | None, trust: bool):
         self.ckpt, self.plan, self.qc, self.trust = ckpt, plan, qc, trust
         self.modules = module_index(plan.slots)
+        self.family = family(plan.model)
+        # stacked experts: per-expert on-disk module -> (slot, expert, shard); fused form by its tensor name
+        self.experts: dict[str, tuple[ExpertSlot, int, int]] = {}
+        self.fused_experts: dict[str, ExpertSlot] = {}
+        for slot in plan.slots:
+            if isinstance(slot, ExpertSlot):
+                self.fused_experts[f"{slot.prefix}.{slot.fused}"] = slot
+                for e in range(slot.num_experts):
+                    for i, leaf in enumerate(slot.shards):
+                        self.experts[f"{slot.prefix}.{e}.{leaf}"] = (slot, e, i)
 
-    def problem(self, layer: str, message: str):
-        self.plan.problems.append(Problem(layer, message))
+    def problem(self, layer: str, message: str, trust_fixes: bool = False):
+        self.plan.problems.append(Problem(layer, message, trust_fixes))
 
     # -- 1. classify every tensor ----------------------------------------------------------------
     def classify(self) -> dict[str, dict[str, TensorInfo]]:
@@ -150,14 +167,22 @@ class _Resolver:
             if is_vision(name):
                 plan.skipped[name] = "vision component (the text model does not use it)"
                 continue
-            canon = to_canonical(name)
+            why = self.family.skip(name)
+            if why is not None:
+                plan.skipped[name] = why
+                continue
+            canon = self.family.sanitize(name)
             leaf = next((lf for lf in SKIP_LEAVES if canon.endswith("." + lf)), None)
             if leaf:
                 plan.skipped[name] = SKIP_LEAVES[leaf]
                 continue
             module, role = split_tensor_name(canon)
             kv = KV_MODULE.match(module)
-            if kv and role in KV_SCALE_LEAVES:
+            if canon in self.fused_experts:  # transformers 5's fused experts: one tensor, every expert
+                on_disk.setdefault(canon, {})["weight"] = info
+            elif module in self.experts:
+                on_disk.setdefault(module, {})[role] = info
+            elif kv and role in KV_SCALE_LEAVES:
                 self._kv_scale(kv.group(1), role, name)
             elif module in self.modules:
                 on_disk.setdefault(module, {})[role] = info
@@ -211,7 +236,8 @@ class _Resolver:
             hint = ("; if the head shares the embedding, set tie_word_embeddings to true in config.json"
                     if s == "lm_head" else "")
             alt = f" (or {fused} stored fused)" if len(shards) > 1 else ""
-            self.problem(s, f"no tensors for this projection{alt}; the checkpoint is incomplete{hint}")
+            self.problem(s, f"no tensors for this projection{alt}; the checkpoint is incomplete: re-download or "
+                                f"re-export it{hint}")
         for i, s in enumerate(shards):
             if s in on_disk:
                 owner = fused if len(shards) > 1 else None
@@ -221,6 +247,48 @@ class _Resolver:
             desc = "; ".join(f"{'+'.join(p.name.rsplit('.', 1)[1] for p in g)}: {_label(g[0].scheme)}" for g in parts)
             self.plan.notes.append(f"{fused}: shards have different schemes ({desc}): runs unfused, "
                                    f"as {len(parts)} separate projections")
+
+    def resolve_experts(self, slot: ExpertSlot, on_disk: dict[str, dict[str, TensorInfo]]):
+        """Every expert of a stack, each on-disk module by its own name; all must share one scheme."""
+        fused = f"{slot.prefix}.{slot.fused}"
+        if fused in on_disk:
+            info = on_disk[fused]["weight"]
+            scheme = unquantized(ST_FLOAT_NAMES.get(info.dtype, "bf16"))
+            want = (slot.num_experts, slot.out_features, slot.cols)
+            bad = check_tensor(TensorSpec(FLOAT, want), info.dtype, info.shape)
+            if bad:
+                self.problem(fused, f"tensor {info.name}: {bad} (all {slot.num_experts} experts' {slot.fused} "
+                                    f"stacked). Likely cause: config.json's expert count or sizes do not match")
+            split = [m for m in on_disk if m.startswith(slot.prefix + ".") and m != fused
+                     and self.experts.get(m, (None,))[0] is slot]
+            if split:
+                self.problem(fused, f"stored both fused ({info.name}) and per expert ({split[0]}, ...); remove one")
+            self.plan.layers[fused] = LayerPlan(fused, slot.name, None, scheme, {"weight": info.name},
+                                                reason="unquantized (transformers' fused experts)")
+            return
+        missing, plans = [], []
+        for e in range(slot.num_experts):
+            for i, leaf in enumerate(slot.shards):
+                name = f"{slot.prefix}.{e}.{leaf}"
+                if name not in on_disk:
+                    missing.append(name)
+                    continue
+                d = decide(self.qc, name, f"{slot.prefix}.{e}.{slot.fused}" if len(slot.shards) > 1 else None)
+                self.module(name, slot, i, on_disk[name], d, expert=e)
+                plans.append(self.plan.layers[name])
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            self.problem(slot.name, f"no tensors for {len(missing)} expert projection(s) ({shown}) of "
+                                    f"{slot.num_experts} experts; the checkpoint is incomplete, or num_experts in "
+                                    f"config.json is wrong")
+        schemes = {}
+        for p in plans:
+            schemes.setdefault(p.scheme, []).append(p.expert)
+        if len(schemes) > 1:
+            desc = "; ".join(f"{_label(s)}: experts {sorted(set(es))[:6]}" for s, es in schemes.items())
+            self.problem(slot.name, f"the experts of this projection have different schemes ({desc}); a stacked "
+                                    f"expert layer runs one scheme. Fix the config's exclude/targets so that every "
+                                    f"expert of a layer gets the same scheme")
 
     def _fused_decision(self, slot: LinearSlot) -> Decision:
         """A module stored fused on disk: config entries may name it or its shards, but one tensor
@@ -240,7 +308,8 @@ class _Resolver:
                                       f"fix its entries to name {slot.fused_name}")
         return whole
 
-    def module(self, name: str, slot: LinearSlot, shard: int | None, infos: dict[str, TensorInfo], d: Decision):
+    def module(self, name: str, slot: LinearSlot, shard: int | None, infos: dict[str, TensorInfo], d: Decision,
+               expert: int | None = None):
         n = slot.shard_sizes[shard] if shard is not None else slot.out_features
         k = slot.in_features
         weight = infos.get("weight")
@@ -264,12 +333,13 @@ class _Resolver:
             elif found is not None:
                 self.problem(name, f"{said}, but the file holds {_label(found)} ({_holding(infos)}). Likely cause: "
                                    f"the config's {RULE_NAMES[d.rule]} does not describe this export; fix the config, "
-                                   f"or pass --trust-tensors to use what the file holds")
+                                   f"or pass --trust-tensors to use what the file holds", trust_fixes=True)
             else:
                 for msg in issues:
                     self.problem(name, f"{msg}; {said}. Likely cause: an incomplete or mixed-up export "
-                                       f"(no known scheme fits these tensors: {_holding(infos)})")
-        lp = LayerPlan(name, slot.fused_name, shard, scheme, reason=reason)
+                                       f"(no known scheme fits these tensors: {_holding(infos)}): re-export the "
+                                       f"checkpoint, or fix config.json if it describes another model")
+        lp = LayerPlan(name, slot.fused_name, shard, scheme, reason=reason, expert=expert)
         for role, info in infos.items():
             spec = expected.get(role)
             if spec is not None and spec.optional:
@@ -285,8 +355,15 @@ class _Resolver:
     # -- 4. the rest ---------------------------------------------------------------------------------
     def check_kv_scales(self):
         plan = self.plan
+        for key, name in sorted(plan.kv_scales.items()):
+            layer = int(key.split(".")[2])
+            if layer >= plan.model.num_layers:
+                self.problem(key, f"KV-cache scale {name} is for layer {layer}, but the model has "
+                                  f"{plan.model.num_layers} layers (num_hidden_layers in config.json): config.json "
+                                  f"describes a different model, or the tensor does not belong; remove it or fix "
+                                  f"the config")
         if plan.kv_cache == "fp8":
-            for i in range(plan.model.num_layers):
+            for i in self.family.attention_layers(plan.model):
                 for kind in ("k_scale", "v_scale"):
                     key = f"model.layers.{i}.self_attn.{kind}"
                     if key not in plan.kv_scales:
@@ -305,13 +382,15 @@ class _Resolver:
             name = self.plan.params.get(canon)
             if name is None:
                 self.problem(canon.rsplit(".", 1)[0], f"missing tensor {canon} (a parameter of {arch}, expected "
-                                                      f"{fmt_shape(shape)}); the checkpoint is incomplete")
+                                                      f"{fmt_shape(shape)}); the checkpoint is incomplete: "
+                                                      f"re-download or re-export it")
                 continue
             info = self.ckpt.tensors[name]
             bad = check_tensor(TensorSpec(FLOAT, shape), info.dtype, info.shape)
             if bad:
                 self.problem(canon.rsplit(".", 1)[0], f"tensor {name}: {bad} (a parameter of {arch}). Likely "
-                                                      f"cause: config.json does not describe this checkpoint")
+                                                      f"cause: config.json does not describe this checkpoint: "
+                                                      f"fix it (or use the config of the model it was made from)")
 
     def check_config_names(self, on_disk: dict[str, dict[str, TensorInfo]]):
         """Config entries that name no module: the config was written for another naming (vLLM #54547)."""
@@ -319,11 +398,14 @@ class _Resolver:
             return
         known = set(self.modules) | {"lm_head"} | set(on_disk)
         known |= {p.rsplit(".", 1)[0] for p in expected_params(self.plan.model)}
-        known |= {to_canonical(split_tensor_name(n)[0]) for n in self.ckpt.tensors}
-        for where, pattern in unmatched_entries(self.qc, known):
+        known |= {self.family.sanitize(split_tensor_name(n)[0]) for n in self.ckpt.tensors}
+        for where, pattern in unmatched_entries(self.qc, known, self.family.sanitize):
             msg = (f"{where} entry {pattern!r} matches no module of this checkpoint; it was probably written for "
                    f"another module naming (e.g. a different VLM wrapper) and has no effect")
-            if self.trust or not is_exact(pattern):
+            if "\x00" in pattern:  # ModelOpt 0.47's Nemotron-H export leaves a name sentinel in (spec section 9)
+                msg = (f"{where} entry {pattern!r} is corrupted (a NUL byte: ModelOpt 0.47 left its name sentinel "
+                       f"in it) and matches no module of this checkpoint; it has no effect")
+            if self.trust or not is_exact(pattern) or "\x00" in pattern:
                 self.plan.notes.append(f"{self.qc.source}: {msg}")
             else:
                 sample = next((t for lp in self.plan.layers.values() for t in lp.tensors.values()), "")

@@ -19,7 +19,8 @@ from .. import __version__
 from ..checkpoint import ST_DTYPES, TORCH_TO_ST, Checkpoint
 from ..config import ModelConfig, parse_model_config
 from ..errors import CheckpointError, ConfigError, LowbitError
-from ..models.layout import LinearSlot, linear_slots
+from ..models import family
+from ..models.slots import LinearSlot
 from ..names import is_vision, to_canonical
 from ..quant.formats import check_tensor, expected_tensors
 from ..quant.scheme import Scheme
@@ -89,9 +90,9 @@ def quantize(src, out, scheme: str, fmt: str, *, lm_head: bool = False, exclude=
     max_shard = parse_size(max_shard_size)
     calibrating = any(rtn.has_static_inputs(m.scheme) for m in quantized)
     tokens = calibration_tokens(src, calib, calib_samples, calib_seq_len) if calibrating else None
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LowbitError("--device cuda requested but no CUDA GPU is available (use --device cpu)")
+    from ..model import resolve_device  # noqa: PLC0415 (lowbit.model imports the loader)
+
+    device = resolve_device(device)
 
     prepare_output(out, src, force)
     # the configs name the producer whose format this is; the shards record who actually wrote them
@@ -114,7 +115,7 @@ def plan_modules(ckpt: Checkpoint, cfg: ModelConfig, disk: dict[str, str], recip
         raise ConfigError("--lm-head: this model ties lm_head to the input embeddings (tie_word_embeddings), "
                           "so there is no separate head to quantize; drop --lm-head")
     modules, problems = [], []
-    for slot in linear_slots(cfg):
+    for slot in family(cfg).linear_slots(cfg):
         fused_on_disk = len(slot.shards) > 1 and f"{slot.fused_name}.weight" in disk
         for canonical in (slot.fused_name,) if fused_on_disk else slot.shards:
             info = ckpt.tensors.get(disk.get(f"{canonical}.weight", ""))
@@ -173,7 +174,7 @@ def _layer_of(canonical: str) -> int | None:
 def _run(ckpt: Checkpoint, cfg: ModelConfig, disk: dict[str, str], modules: list[Module], writer: ShardedWriter,
          tokens: torch.Tensor | None, device: torch.device, progress: bool) -> None:
     """Quantize layer by layer; every source tensor ends up in the output exactly once."""
-    from tqdm.auto import tqdm
+    from ..progress import iterate
 
     by_layer: dict[int | None, list[str]] = {}
     for canonical in disk:
@@ -183,7 +184,8 @@ def _run(ckpt: Checkpoint, cfg: ModelConfig, disk: dict[str, str], modules: list
         dtype = ST_DTYPES[ckpt.tensors[disk["model.embed_tokens.weight"]].dtype]
         calibrator = LayerwiseCalibrator(ckpt.path, tokens, lambda c: ckpt.read(disk[c]), device, dtype)
     units = [*range(cfg.num_layers), None]  # None: embedding, final norm, lm_head
-    for unit in tqdm(units, desc="quantize", unit="layer", disable=not progress):
+    for unit in iterate(units, "quantize", unit="layers", enabled=progress,
+                        label=lambda u: "embedding, norm, lm_head" if u is None else f"layer {u}"):
         tensors = {c: ckpt.read(disk[c]) for c in by_layer.get(unit, [])}
         mods = [m for m in modules if m.layer == unit]
         amax: dict[str, torch.Tensor] = {}

@@ -12,6 +12,14 @@ side of a rounding boundary a value lands on:
   llm-compressor's min/max observer: scales are computed in the weight dtype (bf16), the weight is
   divided by them in bf16; NVFP4 block scales are `global * bf16(amax/6)` in fp32, rounded to E4M3.
 
+Device independence: the producers ran on CPU, where torch divides a tensor by a Python number (or
+any 0-d CPU tensor) exactly, and a bf16 tensor by a 0-d fp32 tensor in fp32 before one rounding to
+bf16. CUDA torch does neither: it multiplies by the reciprocal of a CPU-scalar divisor, and rounds a
+0-d fp32 operand to bf16 before using it. Either moves a scale by an ulp and 0.1-1.6% of the codes
+across a rounding boundary, so every constant divisor here is a 0-d tensor on the weight's device
+(`_quotient`) and every mixed-dtype step is spelled out in fp32 (tests/test_quantize_reference.py
+pins this op by op).
+
 Per-tensor parameters that fused shards must share (ModelOpt NVFP4 `weight_scale_2` over q/k/v and
 gate/up, compressed-tensors NVFP4 `weight_global_scale`) are passed in by the caller, which knows
 the shards; see `shared_amax`.
@@ -25,6 +33,12 @@ from ..quant.scheme import Scheme
 
 FP8_EPS = 0.125  # compressed-tensors replaces a zero E4M3 scale with this (its `_get_dtype_eps`)
 NVFP4_GLOBAL = E2M1_MAX * FP8_MAX  # 6 * 448: maps a tensor's amax onto the E4M3 x E2M1 range
+
+
+def _quotient(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b, IEEE-rounded on every device: the constant goes in as a 0-d tensor of a's dtype on a's
+    device (CUDA torch would multiply by 1/b for a Python number)."""
+    return a / a.new_tensor(b)
 
 
 def amax(w: torch.Tensor) -> torch.Tensor:
@@ -53,26 +67,28 @@ def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- ModelOpt
 def modelopt_fp8(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """FP8 per-tensor: weight_scale = amax/448 (0-d F32); weight/scale is computed in bf16."""
-    scale = amax(w).float() / FP8_MAX
-    return {"weight": (w / scale).to(torch.float8_e4m3fn), "weight_scale": scale}
+    """FP8 per-tensor: weight_scale = amax/448 (0-d F32). ModelOpt's `weight / weight_scale` (a bf16
+    tensor over a 0-d fp32 one) gives a bf16 tensor; on CPU its value is the fp32 quotient rounded
+    once to bf16, then cast to E4M3. Spelled out here, as CUDA would round the divisor to bf16."""
+    scale = _quotient(amax(w).float(), FP8_MAX)
+    return {"weight": (w.float() / scale).to(w.dtype).to(torch.float8_e4m3fn), "weight_scale": scale}
 
 
 def modelopt_fp8_per_channel(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """FP8_PER_CHANNEL_PER_TOKEN: weight_scale [N] F32 = row amax/448; division in fp32."""
-    scale = w.abs().amax(dim=1).float() / FP8_MAX
-    return {"weight": (w / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), "weight_scale": scale}
+    scale = _quotient(w.abs().amax(dim=1).float(), FP8_MAX)
+    return {"weight": (w.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), "weight_scale": scale}
 
 
 def modelopt_nvfp4(w: torch.Tensor, tensor_amax: torch.Tensor) -> dict[str, torch.Tensor]:
     """NVFP4 / W4A16_NVFP4 weight: weight_scale_2 = amax/(6*448) (0-d F32, `tensor_amax` may be the
     max over fused shards), E4M3 block scales = block_amax/(6*weight_scale_2), zero blocks -> 1."""
-    scale_2 = tensor_amax.float() / NVFP4_GLOBAL
+    scale_2 = _quotient(tensor_amax.float(), NVFP4_GLOBAL)
     blocks = _blocks(w, NVFP4_BLOCK)
     block_scale = blocks.abs().amax(dim=-1).float() / (E2M1_MAX * scale_2)
     block_scale[block_scale == 0] = 1.0
     block_scale = block_scale.to(torch.float8_e4m3fn)
-    scaled = blocks / (block_scale.float() * scale_2).unsqueeze(-1)
+    scaled = blocks.float() / (block_scale.float() * scale_2).unsqueeze(-1)
     return {
         "weight": pack_e2m1(_e2m1_codes(scaled).reshape(w.shape)),
         "weight_scale": block_scale,
@@ -83,7 +99,7 @@ def modelopt_nvfp4(w: torch.Tensor, tensor_amax: torch.Tensor) -> dict[str, torc
 def modelopt_input_scale(input_amax: torch.Tensor, activation: str) -> torch.Tensor:
     """Static activation scale, 0-d F32: amax/448 (FP8) or amax/(6*448) (NVFP4 global scale)."""
     bound = FP8_MAX if activation == "fp8" else NVFP4_GLOBAL
-    return input_amax.float() / bound
+    return _quotient(input_amax.float(), bound)
 
 
 # ---------------------------------------------------------------- compressed-tensors

@@ -6,7 +6,8 @@ each fused shard fills that shard's rows); static activations: `input_scale` (+ 
 float32 0-d. Dynamic per-token activations store nothing.
 
 The reference forward is exact integer arithmetic, as an int8 GEMM computes it: x is quantized
-to int8, the products are summed exactly (int32 on a GPU; float64 here, exact below 2^53), then
+to int8 (dynamic per token: compressed-tensors' own rule, numerics.quantize_int8_per_token; the
+kernel in lowbit/kernels/act_quant.py computes the same codes and scales), the products are summed exactly (int32 on a GPU; float64 here, exact below 2^53), then
 scaled by input scale x weight scale in float32 (float64 for a float64 model, whose tensor-parallel
 partial outputs must reach the all-reduce unrounded).
 """
@@ -17,21 +18,11 @@ import torch.nn.functional as F
 
 from ...errors import ConfigError
 from ...parallel import whole_k_amax
+from ..numerics import quantize_int8_per_token
 from . import register
 from .common import QuantMethod
 
 INT8_MAX = 127.0
-
-
-def quantize_int8_per_token(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-token quantization: scale = amax/127 per row, round half to even; amax
-    ([..., 1]) replaces each row's own (e.g. reduced over the whole K under tensor parallelism).
-    Returns (q as float32 holding integers in [-127, 127], scale float32 [..., 1])."""
-    xf = x.float()
-    if amax is None:
-        amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))  # an all-zero row stays zero
-    return torch.round(xf / scale).clamp(-INT8_MAX - 1, INT8_MAX), scale
 
 
 def quantize_int8_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None):

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from ..config import ModelConfig
 from ..errors import ConfigError
+from ..kernels.decoder import apply_rotary  # noqa: F401  (the reference every rotary path matches)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -20,11 +20,15 @@ def _base_inv_freq(theta: float, dim: int, device=None) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    def __init__(self, cfg: ModelConfig, device=None):
-        self.dim = int(cfg.head_dim * cfg.partial_rotary_factor)
-        self.theta = cfg.rope_theta
-        self.max_pos = cfg.max_position_embeddings
-        p = dict(cfg.rope_scaling or {})
+    """cos/sin tables of one rotary variant. head_dim * partial_rotary_factor dimensions rotate;
+    scaling: None (default) or the normalized rope parameters {"rope_type", "factor", ...}."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int,
+                 partial_rotary_factor: float = 1.0, device=None):
+        self.dim = int(head_dim * partial_rotary_factor)
+        self.theta = theta
+        self.max_pos = max_position_embeddings
+        p = dict(scaling or {})
         self.type = p.get("rope_type", "default")
         if self.type not in ROPE_TYPES:
             raise ConfigError(f"unsupported rope type {self.type!r}; supported: {', '.join(ROPE_TYPES)}")
@@ -95,6 +99,16 @@ class RotaryEmbedding:
         pos_freqs = theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
         return (1.0 / (factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
 
+    @classmethod
+    def from_config(cls, cfg, device=None) -> "RotaryEmbedding":
+        return cls(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
+                   cfg.partial_rotary_factor, device)
+
+    @property
+    def length_dependent(self) -> bool:
+        """Frequencies that depend on the sequence length (read on the host each step: no CUDA graphs)."""
+        return self.type in ("dynamic", "longrope")
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (int) -> cos, sin [B, T, dim] in `dtype`."""
         inv = self.inv_freq
@@ -107,13 +121,3 @@ class RotaryEmbedding:
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D]; cos/sin [B, T, d] with d <= D (partial rotary: the rest passes through)."""
-    d = cos.shape[-1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rot, rest = x[..., :d], x[..., d:]
-    x1, x2 = rot[..., : d // 2], rot[..., d // 2:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = rot * cos + rotated * sin
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out

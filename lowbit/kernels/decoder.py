@@ -1,5 +1,5 @@
-"""Fused decoder ops: RMSNorm (with the residual add), SiLU-and-mul, rotary + KV-cache store, and
-decode attention over the slot cache.
+"""Fused decoder kernels: RMSNorm (with the residual add; plain or (1 + w) weights), SiLU-and-mul,
+rotary + KV-cache store, and decode attention over the slot cache (full or sliding-window).
 
 A decode step of an 8B model is ~4 ms of weight reads in bf16 and ~1 ms in 4 bits; the eager
 PyTorch spelling of these ops is ~40 small kernels per layer, which alone would cost more than
@@ -17,8 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .models.rope import apply_rotary
-from .quant.numerics import quantize_fp8
+from ..quant.numerics import quantize_fp8
 
 try:
     import triton
@@ -39,13 +38,28 @@ def _pow2(n: int) -> int:
 
 
 # ------------------------------------------------------------------ references
-def rms_norm_ref(x, weight, eps, residual=None):
-    """transformers' RMSNorm: fp32 statistics, cast back, then times the weight (in x's dtype)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; cos/sin [B, T, d] with d <= D (partial rotary: the rest passes through)."""
+    d = cos.shape[-1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rot, rest = x[..., :d], x[..., d:]
+    x1, x2 = rot[..., : d // 2], rot[..., d // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = rot * cos + rotated * sin
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+def rms_norm_ref(x, weight, eps, residual=None, unit_offset=False):
+    """transformers' RMSNorm: fp32 statistics, cast back, then times the weight (in x's dtype).
+    unit_offset (Gemma, Qwen3.5): the weight is stored as w and applied as (1 + w), in fp32 before
+    the cast back, as those families' norms do."""
     if residual is not None:
         x = x + residual
         residual = x
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (xf * (1.0 + weight.float())).to(x.dtype), residual
     return weight * xf.to(x.dtype), residual
 
 
@@ -63,13 +77,17 @@ def dequantize_kv(x, scale, dtype):
     return (x.float() * scale).to(dtype)
 
 
-def decode_attention_ref(q, k_cache, v_cache, slots, positions, scale, k_scale=None, v_scale=None):
-    """q [B, H, D]; caches [S, L, Hkv, D]; each row b attends to keys [0, positions[b]] of slots[b]."""
+def decode_attention_ref(q, k_cache, v_cache, slots, positions, scale, k_scale=None, v_scale=None, window=None):
+    """q [B, H, D]; caches [S, L, Hkv, D]; each row b attends to keys [0, positions[b]] of slots[b]
+    (with a sliding window w: keys (positions[b] - w, positions[b]])."""
     length = int(positions.max()) + 1
     k, v = k_cache[slots, :length], v_cache[slots, :length]
     if k_scale is not None:
         k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
-    mask = torch.arange(length, device=q.device)[None, :] <= positions[:, None]
+    keys = torch.arange(length, device=q.device)[None, :]
+    mask = keys <= positions[:, None]
+    if window is not None:
+        mask &= keys > positions[:, None] - window
     out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask[:, None, None, :], scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[2])
@@ -77,10 +95,10 @@ def decode_attention_ref(q, k_cache, v_cache, slots, positions, scale, k_scale=N
 
 
 # ------------------------------------------------------------------ public ops
-def rms_norm(x, weight, eps, residual=None):
+def rms_norm(x, weight, eps, residual=None, unit_offset=False):
     """RMSNorm of x (+ residual, added first). Returns (normed, new residual or None)."""
     if not use_triton(x):
-        return rms_norm_ref(x, weight, eps, residual)
+        return rms_norm_ref(x, weight, eps, residual, unit_offset)
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
@@ -88,7 +106,7 @@ def rms_norm(x, weight, eps, residual=None):
     res_in = residual.reshape(-1, n) if residual is not None else x2
     block = _pow2(n)
     _rms_norm_kernel[(x2.shape[0],)](x2, res_in, weight, out, res_out, x2.stride(0), res_in.stride(0), n, eps,
-                                     HAS_RES=residual is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                     HAS_RES=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return out.view(x.shape), (res_out.view(x.shape) if residual is not None else None)
 
 
@@ -134,10 +152,11 @@ def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slots, positions, k_scal
     return qo, ko
 
 
-def decode_attention(q, k_cache, v_cache, slots, positions, scale, k_scale=None, v_scale=None):
-    """One query token per row: q [B, H, D] -> [B, H, D], over keys [0, positions[b]] of slot slots[b]."""
+def decode_attention(q, k_cache, v_cache, slots, positions, scale, k_scale=None, v_scale=None, window=None):
+    """One query token per row: q [B, H, D] -> [B, H, D], over keys [0, positions[b]] of slot slots[b]
+    (only the last `window` of them for sliding-window attention)."""
     if not use_triton(q):
-        return decode_attention_ref(q, k_cache, v_cache, slots, positions, scale, k_scale, v_scale)
+        return decode_attention_ref(q, k_cache, v_cache, slots, positions, scale, k_scale, v_scale, window)
     b, h, d = q.shape
     hkv = k_cache.shape[2]
     g = h // hkv
@@ -146,7 +165,7 @@ def decode_attention(q, k_cache, v_cache, slots, positions, scale, k_scale=None,
     _decode_attention_kernel[(b, hkv)](
         q, k_cache, v_cache, out, slots, positions, k_scale if fp8 else q, v_scale if fp8 else q,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], out.stride(0), out.stride(1), scale,
-        G=g, G_PAD=max(16, _pow2(g)), D=d, D_PAD=max(16, _pow2(d)), BLOCK_N=64, FP8=fp8, num_warps=4)
+        window if window is not None else 0, G=g, G_PAD=max(16, _pow2(g)), D=d, D_PAD=max(16, _pow2(d)), BLOCK_N=64, FP8=fp8, num_warps=4)
     return out
 
 
@@ -160,7 +179,7 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(X, R, W, OUT, ROUT, stride_x, stride_r, n, eps, HAS_RES: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -170,9 +189,12 @@ if triton is not None:
             x = _round(x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32), dtype)
             tl.store(ROUT + row * n + cols, x.to(dtype), mask=mask)
         var = tl.sum(x * x, axis=0) / n
-        y = _round(x * tl.rsqrt(var + eps), dtype)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT + row * n + cols, (w * y).to(dtype), mask=mask)
+        if UNIT_OFFSET:
+            tl.store(OUT + row * n + cols, (x * tl.rsqrt(var + eps) * (1.0 + w)).to(dtype), mask=mask)
+        else:
+            y = _round(x * tl.rsqrt(var + eps), dtype)
+            tl.store(OUT + row * n + cols, (w * y).to(dtype), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(X, OUT, stride_x, i, BLOCK: tl.constexpr):
@@ -268,9 +290,10 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(Q, KC, VC, OUT, SLOTS, POS, KS, VS, sqb, sqh, scs, scn, sch, sob, soh, scale,
-                                 G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                                 window, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                                  BLOCK_N: tl.constexpr, FP8: tl.constexpr):
-        """One program per (sequence, KV head): its G query heads against keys [0, pos] (online softmax)."""
+        """One program per (sequence, KV head): its G query heads against keys [0, pos] (online softmax);
+        window > 0: only keys (pos - window, pos]."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         dtype = OUT.dtype.element_ty
@@ -285,9 +308,12 @@ if triton is not None:
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
         base = slot * scs + h * sch
-        for start in range(0, length, BLOCK_N):
+        first = length * 0  # same type as length (int64)
+        if window > 0:
+            first = tl.maximum(length - window, 0)
+        for start in range((first // BLOCK_N) * BLOCK_N, length, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            nm = n < length
+            nm = (n < length) & (n >= first)
             offs = base + n[:, None] * scn + d[None, :]
             k = tl.load(KC + offs, mask=nm[:, None] & dm[None, :], other=0.0)
             v = tl.load(VC + offs, mask=nm[:, None] & dm[None, :], other=0.0)
