@@ -20,7 +20,6 @@ router replicated and one all-reduce per block. The latent MoE (`moe_latent_size
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -13,14 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..layers.block import PreNormBlock
 from ..layers.moe import MoEBlock
-from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding
 from ..kernels.moe_ref import Routing
 from ..names import to_canonical
 from . import register
-from .base import DecoderModel, norm_params
+from .base import norm_params
 from .llama import LlamaConfig, LlamaFamily
 from .slots import attention_slots, expert_slots, gated_mlp_slots, lm_head_slot
 
@@ -117,13 +114,7 @@ class MoEFamily(LlamaFamily):
         return MoEBlock(cfg.hidden_size, routing, experts, dtype, tp_size=tp_size,
                         weights_in_logits_dtype=cfg.architecture != "MixtralForCausalLM")
 
-    def build(self, cfg, linears, dtype, tp_size=1):
-        def norm():
-            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-
-        layers = [PreNormBlock(norm(), self.attention(cfg, i, linears, dtype, tp_size), norm(),
-                               self.mlp(cfg, i, linears, dtype, tp_size)) for i in range(cfg.num_layers)]
-        return DecoderModel(cfg, layers, linears, dtype, tp_size, {"default": RotaryEmbedding.from_config(cfg)})
+    # build: the Llama family's, with this family's mlp()
 
 
 FAMILY = register(MoEFamily())
