@@ -169,6 +169,10 @@ class Engine:
         self.lengths[slot] = hit
         return hit
 
+    def reserve(self, slot: int, tokens: int) -> None:
+        """Give `slot` the KV blocks for `tokens` positions now (OutOfBlocks if there are not enough)."""
+        self._grow([slot], [tokens])
+
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int], params: SamplingParams, generator=None) -> Tokens:
         """Run a whole prompt into the empty `slot` (after its cached prefix, if any) and sample its
