@@ -16,7 +16,7 @@ import torch
 
 from . import parallel
 from .errors import LowbitError
-from .sampling import SamplingParams, sampling_key
+from .sampling import SamplingParams, SequenceSampler, TokenLogprobs, sampling_key
 
 
 @dataclass
@@ -33,6 +33,7 @@ class StreamEvent:
     token_id: int
     text: str  # new text since the previous event of this prompt ("" if held back or no tokenizer)
     finish_reason: str | None  # set on the last event of a prompt
+    logprobs: TokenLogprobs | None = None  # when the sequence's SamplingParams ask for them
 
 
 class Detokenizer:
@@ -43,25 +44,33 @@ class Detokenizer:
     Text that may be the start of a stop string, or an incomplete multi-byte character, is held
     back until the next tokens settle it: the pieces always concatenate to the final text."""
 
-    def __init__(self, model, stop: list[str]):
+    def __init__(self, model, stop: list[str], skip_special_tokens: bool = True, include_stop: bool = False):
         self.model, self.stop = model, [s for s in stop if s]
+        self.skip_special_tokens, self.include_stop = skip_special_tokens, include_stop
         self.text = ""  # emitted so far
         self._held = ""
         self._start = self._read = 0  # window: ids[_start:] decoded, ids[_start:_read] already emitted
 
-    def update(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """The new text after ids[-1] (all of it if `final`), and whether a stop string was hit."""
-        done = self.model.decode(ids[self._start:self._read])
-        window = self.model.decode(ids[self._start:])
+    def decode(self, ids: list[int]) -> str:
+        if self.skip_special_tokens:
+            return self.model.decode(ids)
+        return self.model.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def update(self, ids: list[int], final: bool, check_stop: bool = True) -> tuple[str, bool]:
+        """The new text after ids[-1] (all of it if `final`), and whether a stop string was hit
+        (`check_stop` False: not looked for, e.g. before min_tokens)."""
+        done = self.decode(ids[self._start:self._read])
+        window = self.decode(ids[self._start:])
         new = ""
         if final or (len(window) > len(done) and not window.endswith("\ufffd")):
             new = window[len(done):]
             self._start, self._read = self._read, len(ids)
         text = self._held + new  # a stop string can only start in the held-back part or later
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((text.find(s), s) for s in self.stop) if i >= 0] if check_stop else []
         if hits:
-            text, self._held = text[:min(hits)], ""
-        elif final:
+            at, n = min(hits)
+            text, self._held = text[:at + n if self.include_stop else at], ""
+        elif final or not check_stop:
             self._held = ""
         else:
             keep = max((k for s in self.stop for k in range(1, min(len(s), len(text) + 1))
@@ -87,17 +96,31 @@ class Sequence:
     pending: int = 0  # tokens launched on the device, not yet read back
     feed: list[int] = field(default_factory=list)  # what its prefill computes: prompt (+ output, after a preemption)
     done: int = 0  # tokens of feed in the KV cache (a cached prefix, then prefilled chunks)
+    stop_ids: set[int] = field(default_factory=set)  # tokens that end it like EOS, finish "stop"
+    min_tokens: int = 0  # no stop string is looked for before this many tokens (EOS and stop_ids are
+    # kept from being sampled by the sampler)
+    sampler: SequenceSampler | None = None  # per-sequence sampling state (penalties, logprobs, min_tokens)
 
-    def emit(self, tok: int) -> StreamEvent:
+    @property
+    def sampling(self) -> SamplingParams | SequenceSampler:
+        """What the engine samples this sequence's rows with."""
+        return self.sampler or self.params
+
+    def emit(self, tok: int, logprobs: TokenLogprobs | None = None) -> StreamEvent:
         self.out.append(tok)
-        if tok in self.eos:
-            self.finish = "eos"
+        ended = tok in self.eos or tok in self.stop_ids
+        if ended:
+            self.finish = "eos" if tok in self.eos else "stop"
         elif len(self.out) >= self.max_new_tokens:
             self.finish = "length"
-        delta, stopped = self.detokenizer.update(self.out, self.finish is not None) if self.detokenizer else ("", False)
+        delta, stopped = "", False
+        if self.detokenizer:
+            d = self.detokenizer
+            ids = self.out[:-1] if ended and not d.include_stop else self.out  # the stop token's text is left out
+            delta, stopped = d.update(ids, self.finish is not None, check_stop=len(self.out) >= self.min_tokens)
         if stopped:
             self.finish = "stop"
-        return StreamEvent(self.index, tok, delta, self.finish)
+        return StreamEvent(self.index, tok, delta, self.finish, logprobs)
 
 
 class Scheduler:
@@ -112,12 +135,14 @@ class Scheduler:
     Preemption: when the running sequences need more KV blocks than are free, the most recently
     admitted ones are preempted (their blocks freed, their prompt and output so far recomputed when
     they are admitted again), so a request that fits the cache alone always completes.
-    token_budget: tokens per step (decode rows + prompt chunk tokens); None = whole prompts at once.
+    token_budget: tokens per step (decode rows + prompt chunks; at least one chunk runs per step);
+    None = whole prompts at once. chunk_size: prompts are cut at its multiples (fixed cuts, so a prompt
+    is computed the same way whatever else runs).
     """
 
-    def __init__(self, engine, token_budget: int | None = 2048):
+    def __init__(self, engine, token_budget: int | None = 2048, chunk_size: int = 512):
         self.engine = engine
-        self.token_budget = token_budget
+        self.token_budget, self.chunk_size = token_budget, chunk_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # holding a slot (prefilling or decoding), in admission order
         self._inflight = []  # (sequences, Tokens) in launch order
@@ -157,25 +182,26 @@ class Scheduler:
                 continue
             victim = self.running[-1]
             self._preempt(victim)
-        step.sort(key=lambda s: sampling_key(s.params, s.generator))  # rows that sample alike side by side
+        step.sort(key=lambda s: sampling_key(s.sampling, s.generator))  # rows that sample alike side by side
         launched = []
         if step:
             for s in step:
                 s.pending += 1
-            launched.append((step, engine.decode([s.slot for s in step], [s.params for s in step],
+            launched.append((step, engine.decode([s.slot for s in step], [s.sampling for s in step],
                                                  [s.generator for s in step])))
-        # 2. prompt chunks under what is left of the budget (at least one block's worth per step)
-        budget = None if self.token_budget is None else max(self.token_budget - len(step), engine.block_size)
+        # 2. prompt chunks under what is left of the budget (at least one chunk per step). Chunks are
+        #    cut at multiples of chunk_size, whatever else runs: a prompt's numerics do not depend on the load
+        budget = None if self.token_budget is None else self.token_budget - len(step)
         self._admit()
-        for s in [s for s in self.running if s.done < len(s.feed)]:
-            if budget is not None and budget <= 0:
+        ran = False
+        for s in [s for s in self.running if s.done < len(s.feed) and s.finish is None]:
+            end = len(s.feed) if self.token_budget is None else min(len(s.feed), (s.done // self.chunk_size + 1) * self.chunk_size)
+            n = end - s.done
+            if budget is not None and n > budget and ran:
                 break
-            if s.finish is not None:  # cancelled while prefilling: nothing more to compute
-                continue
-            n = len(s.feed) - s.done if budget is None else min(len(s.feed) - s.done, budget)
-            last = s.done + n == len(s.feed)
-            toks = engine.extend(s.slot, s.feed[s.done:s.done + n], s.params, s.generator, sample_next=last)
-            s.done += n
+            last = end == len(s.feed)
+            toks = engine.extend(s.slot, s.feed[s.done:end], s.sampling, s.generator, sample_next=last)
+            s.done, ran = end, True
             if budget is not None:
                 budget -= n
             if last:
@@ -213,8 +239,9 @@ class Scheduler:
         for batch, toks in self._inflight:
             for s, tok in zip(batch, toks.get()):
                 s.pending -= 1
+                lp = s.sampler.take_logprobs() if s.sampler else None  # one per token read, emitted or not
                 if s.finish is None:
-                    events.append(s.emit(tok))
+                    events.append(s.emit(tok, lp))
         self._inflight = []
         return events
 

@@ -156,7 +156,8 @@ def finish_loading(model: nn.Module, linears: dict, report: LoadReport, where) -
     poisoned = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype.itemsize > 1
                 and torch.isnan(p).any()]
     if poisoned:
-        raise CheckpointError([f"{n}: not (fully) written by the checkpoint" for n in poisoned],
+        raise CheckpointError([f"{n}: not (fully) written by the checkpoint, or its data on disk holds NaN; "
+                               f"re-download or re-export the checkpoint" for n in poisoned],
                               header=f"{where} does not load")
 
 

@@ -14,6 +14,10 @@ from .quant.base import RunOptions
 from .quant.resolve import QuantPlan, resolve
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "vocab.txt", "tekken.json")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -44,6 +48,10 @@ class Model:
         if self.path is None:
             raise LowbitError("this model has no tokenizer (a synthetic model); pass token ids instead of text")
         if self._tokenizer is None:
+            if not any((self.path / f).exists() for f in TOKENIZER_FILES):
+                # transformers would build an empty tokenizer from config.json alone
+                raise LowbitError(f"{self.path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy "
+                                  f"them from the model this checkpoint was made from, or pass token ids")
             from transformers import AutoTokenizer
 
             try:

@@ -51,7 +51,7 @@ def test_prompt_from_stdin_and_progress_lines(capsys, monkeypatch):
 
     assert r["prompt_ids"] == AutoTokenizer.from_pretrained(str(path))("The capital of France is")["input_ids"]
     lines = out.err.splitlines()  # stderr is not a terminal here: plain lines, one per step
-    assert lines[0] == f"lowbit: loading {path}" and lines[1].startswith("lowbit: loaded ")
+    assert lines[0].startswith("lowbit: loaded ") and "tensors" in lines[0]
 
 
 def test_internal_error_is_one_line_exit_3(capsys, monkeypatch):

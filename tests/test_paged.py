@@ -78,7 +78,7 @@ def test_chunked_prefill_equals_whole_prompt(tmp_path, key):
 
 
 def run_scheduler(engine, prompts, lengths, budget):
-    scheduler = Scheduler(engine, token_budget=budget)
+    scheduler = Scheduler(engine, token_budget=budget, chunk_size=4)
     seqs = [Sequence(i, p, GREEDY, n, set()) for i, (p, n) in enumerate(zip(prompts, lengths))]
     for s in seqs[:2]:
         scheduler.add(s)
@@ -113,7 +113,8 @@ def _prompts():
 
 
 def test_chunked_prefill_mixed_with_decode_equals_alone(tiny):
-    """A budget of 8 tokens per step: long prompts are prefilled over several steps while others decode."""
+    """A budget of 8 tokens per step, chunks of 4: long prompts are prefilled over several steps while
+    others decode."""
     prompts, lengths = _prompts()
     want = [greedy_reference(tiny, p, n) for p, n in zip(prompts, lengths)]
     engine = Engine(tiny, 3, 48, cuda_graphs=False, block_size=4)

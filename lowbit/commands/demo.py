@@ -16,6 +16,9 @@ def run(args) -> int:
     from ..demo import format_table, run_demo
     from ..progress import step
 
+    from ..model import resolve_device
+
+    resolve_device(args.device)  # an unusable --device fails now, not after building the model
     t0 = time.perf_counter()
     workdir = None
     if args.keep:

@@ -19,17 +19,16 @@ def add_load_options(p):
     p.add_argument("--no-kernels", action="store_true", help="run the plain-PyTorch reference paths")
 
 
-def load_from_args(args):
-    """lowbit.load with the command's options, announcing the load and its time on stderr."""
+def load_from_args(args, announce: bool = True):
+    """lowbit.load with the command's options; on success one line on stderr says what was loaded and how
+    fast (a load large enough to take seconds shows its progress as it goes: lowbit/loader.py)."""
     import time
 
     import lowbit
     from .. import parallel
     from ..progress import step
 
-    quiet = parallel.current()[0] != 0
-    if not quiet:
-        step(f"loading {args.path}")
+    quiet = not announce or parallel.current()[0] != 0
     t0 = time.perf_counter()
     model = lowbit.load(args.path, device=args.device, dtype=args.dtype, activation_quant=args.activation_quant,
                         kv_cache=args.kv_cache, trust_tensors=args.trust_tensors, use_kernels=not args.no_kernels)

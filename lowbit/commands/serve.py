@@ -1,8 +1,10 @@
 """`lowbit serve PATH | --synthetic NAME --scheme S`: an OpenAI-compatible HTTP server (lowbit/serve/)."""
 from __future__ import annotations
 
+import os
 import socket
 import sys
+from pathlib import Path
 
 from .generate import add_load_options, load_from_args
 
@@ -16,9 +18,19 @@ def register(sub):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="the model id clients ask for (default: the directory's name)")
-    p.add_argument("--max-batch", type=int, default=16, help="KV-cache slots: requests generated at once")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-num-seqs", "--max-batch", dest="max_batch", type=int, default=16,
+                   help="KV-cache slots: sequences generated at once")
+    p.add_argument("--max-model-len", "--max-len", dest="max_len", type=int, default=None,
                    help="positions per slot, prompt plus completion (default: the model's, at most 4096)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="sequences that may wait for a slot before requests get a 429 (default 4 x --max-num-seqs)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (else 413)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="cancel a request running longer than this (504; default: none)")
+    p.add_argument("--api-key", default=os.environ.get("LOWBIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (default: "
+                        "$LOWBIT_API_KEY)")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template replacing the tokenizer's")
     add_load_options(p)
     p.set_defaults(func=run)
 
@@ -29,21 +41,49 @@ def run(args) -> int:
     if bool(args.path) == bool(args.synthetic):
         raise LowbitError("give a checkpoint PATH or --synthetic NAME (one of them)")
     if args.max_batch < 1 or (args.max_len is not None and args.max_len < 2):
-        raise LowbitError("--max-batch must be >= 1 and --max-len >= 2")
+        raise LowbitError("--max-num-seqs must be >= 1 and --max-model-len >= 2")
+    if (args.max_queue is not None and args.max_queue < 0) or args.max_body_bytes < 1 or \
+            (args.request_timeout is not None and args.request_timeout <= 0):
+        raise LowbitError("--max-queue must be >= 0, --max-body-bytes >= 1 and --request-timeout > 0")
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LowbitError(f"cannot read the chat template {args.chat_template}: {e}") from None
     try:
         import uvicorn
 
         from ..serve import create_app
     except ImportError as e:
-        raise LowbitError(f"lowbit serve needs fastapi and uvicorn ({e}): pip install 'lowbit[serve]'") from None
+        raise LowbitError(f"lowbit serve needs fastapi, uvicorn and prometheus-client ({e}): "
+                          f"pip install 'lowbit[serve]'") from None
     with _listen(args.host, args.port) as sock:  # before loading: a taken port fails at once, not after the load
         model = _load(args)
+        died = []
+        server = None
+
+        def on_fatal(error: str) -> None:  # the worker is gone: stop serving rather than answer nothing
+            died.append(error)
+            server.should_exit = True
+
         app = create_app(model, args.served_model_name or (None if args.path else args.synthetic), args.max_batch,
-                         args.max_len)
+                         args.max_len, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                         request_timeout=args.request_timeout, api_key=args.api_key, chat_template=template,
+                         on_fatal=on_fatal)
         service = app.state.service
         print(f"lowbit serve: '{service.name}' on http://{args.host}:{sock.getsockname()[1]}/v1 "
               f"({args.max_batch} slots of {service.max_len} positions)", file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+        try:
+            server.run(sockets=[sock])
+        except SystemExit:  # uvicorn's way out of a failed start-up (logged above)
+            pass
+        error = died[0] if died else service.worker.error
+        if error is not None:
+            raise LowbitError(f"the model worker died, so the server stopped: {error}")
+        if not server.started:
+            raise LowbitError("the server did not start (see the log above)")
     return 0
 
 
@@ -62,7 +102,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _load(args):
     if not args.synthetic:
-        return load_from_args(args)
+        return load_from_args(args, announce=False)  # the banner says when it is ready
     import torch
 
     from .. import synthetic

@@ -82,6 +82,32 @@ def _weight_tile(units, scale, offset, DT: tl.constexpr, FMT: tl.constexpr, HAS_
 
 
 @triton.jit
+def scaled_weight_tile(units, s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, k0, G, DT: tl.constexpr,
+                       FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZP: tl.constexpr,
+                       USE_ASM: tl.constexpr, BK: tl.constexpr):
+    """The weight tile [BN, BK] in DT for K-columns k0..k0+BK, with its group scales and zero points
+    applied per stored unit (SCALE_ELEMENT) and zero points per tile or row otherwise; a TILE scale
+    multiplies the tile's product and a row scale the epilogue (the caller's). s_ptr / z_ptr: the
+    per-group scales / zero points [N, G] (row stride stride_sn / stride_zn)."""
+    EPU: tl.constexpr = 8 if FMT <= 1 else 4 if FMT == 2 else 1  # K elements per stored unit
+    offset = tl.full((1, 1), 8.0 if FMT == 1 else 128.0, tl.float32)  # ints store q + 2^(b-1)
+    scale = offset  # placeholder operand when no per-unit scale is applied
+    if SCALE_MODE == 0:
+        g0 = tl.multiple_of(k0 // GROUP, BK // GROUP)
+        st = _group_tile(s_ptr, offs_n, n_ok, stride_sn, g0, G, BK // GROUP)
+        if FMT == 0:  # E4M3 scales arrive as raw bytes (uint8) so that masked loads can fill zeros
+            st = dq.nvfp4_scale(st.to(tl.float8e4nv, bitcast=True), DT)
+        scale = _per_unit(st.to(DT), GROUP // EPU)  # converted once per group, then repeated
+        if HAS_ZP:
+            zt = _group_tile(z_ptr, offs_n, n_ok, stride_zn, g0, G, BK // GROUP)
+            offset += _per_unit(zt.to(tl.float32), GROUP // EPU)
+    elif HAS_ZP:
+        g = k0 // GROUP if SCALE_MODE == 1 else 0
+        offset += tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=n_ok[:, None], other=0).to(tl.float32)
+    return _weight_tile(units, scale, offset, DT, FMT, SCALE_MODE == 0, USE_ASM)
+
+
+@triton.jit
 def tile_coords(M, N, BM: tl.constexpr, BN: tl.constexpr):
     """Output rows (offs_n) and tokens (offs_m) of this program's [BN, BM] tile, with their masks.
 
@@ -126,22 +152,8 @@ def _gemm_kernel(
         units = tl.load(w_rows + offs_u[None, :], mask=n_ok[:, None] & u_ok[None, :], other=0)
         offs_k = k0 + tl.arange(0, BK)
         xt = tl.load(x_rows + offs_k[:, None], mask=m_ok[None, :] & (offs_k[:, None] < K), other=0).to(DT, bitcast=True)
-        # group scales / zero points: per stored unit (ELEMENT), per tile (TILE) or per row (NONE)
-        offset = tl.full((1, 1), 8.0 if FMT == 1 else 128.0, tl.float32)  # ints store q + 2^(b-1)
-        scale = offset  # placeholder operand when no per-unit scale is applied
-        if SCALE_MODE == 0:
-            g0 = tl.multiple_of(k0 // GROUP, BK // GROUP)
-            st = _group_tile(s_ptr, offs_n, n_ok, stride_sn, g0, G, BK // GROUP)
-            if FMT == 0:  # E4M3 scales arrive as raw bytes (uint8) so that masked loads can fill zeros
-                st = dq.nvfp4_scale(st.to(tl.float8e4nv, bitcast=True), DT)
-            scale = _per_unit(st.to(DT), GROUP // EPU)  # converted once per group, then repeated
-            if HAS_ZP:
-                zt = _group_tile(z_ptr, offs_n, n_ok, stride_zn, g0, G, BK // GROUP)
-                offset += _per_unit(zt.to(tl.float32), GROUP // EPU)
-        elif HAS_ZP:
-            g = k0 // GROUP if SCALE_MODE == 1 else 0
-            offset += tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=n_ok[:, None], other=0).to(tl.float32)
-        w = _weight_tile(units, scale, offset, DT, FMT, SCALE_MODE == 0, USE_ASM)
+        w = scaled_weight_tile(units, s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, k0, G, DT, FMT, GROUP,
+                               SCALE_MODE, HAS_ZP, USE_ASM, BK)
         if SCALE_MODE == 1:
             s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
             acc += _dot(w, xt, tl.zeros((BN, BM), dtype=tl.float32), UPCAST) * s[:, None]

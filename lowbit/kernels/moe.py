@@ -33,14 +33,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import dequant as dq
 from .act_quant import _round_e4m3, quant_rows
 from .moe_ref import Routing, align_ref, grouped_gemm_ref, max_blocks, route_ref  # noqa: F401 (re-exported)
-from .gemm import FMT_FP8, FMT_I8, FMT_INT4, FMT_INT8, FMT_NVFP4, _dot, _group_tile, _per_unit, _weight_tile, interpreting
+from .gemm import (FMT_FP8, FMT_I8, FMT_INT4, FMT_INT8, FMT_NVFP4, Tiles, _dot, interpreting,
+                   scaled_weight_tile)
 
 FMT_FLOAT = 5  # unquantized bf16/fp16 stack, used as stored
 SCALE_ELEMENT, SCALE_TILE, SCALE_NONE, SCALE_BLOCK = 0, 1, 2, 3
@@ -203,34 +203,22 @@ class StackOperands:
     amax_spec: object = None
 
 
-@dataclass(frozen=True)
-class MoeTiles:
-    bm: int
-    bn: int
-    bk: int
-    warps: int = 4
-    stages: int = 3
-
-
 def pick_block_m(pairs: int, num_experts: int) -> int:
     """Rows per block from the expected pairs per active expert (decode: 16, the MMA's minimum)."""
     per_expert = pairs / max(1, min(pairs, num_experts))
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
 
 
-def pick_tiles(bm: int, ops: StackOperands) -> MoeTiles:
-    if bm <= 16:
-        t = MoeTiles(bm, 64, 128, warps=4, stages=4)
-    elif bm <= 32:
-        t = MoeTiles(bm, 64, 128, warps=4, stages=4)
-    else:
-        t = MoeTiles(bm, 128, 64, warps=4, stages=3)
+def pick_tiles(bm: int, ops: StackOperands) -> Tiles:
+    """Decode-sized blocks: 64 weight rows x 128 K per step, many programs; larger blocks: 128 x 64.
+    No split-K (docs/kernels-moe.md)."""
+    t = Tiles(bm, 64, 128, warps=4, stages=4) if bm <= 32 else Tiles(bm, 128, 64, warps=4, stages=3)
     bk = t.bk
     if ops.block is not None:
         bk = min(bk, ops.block[1])
     elif ops.fmt in (FMT_INT4, FMT_INT8) and 0 < ops.group < ops.k and ops.group % 64 == 0 and bk > ops.group:
         bk = ops.group  # one group per K-tile: its scale multiplies the tile's product
-    return MoeTiles(t.bm, t.bn, bk, t.warps, t.stages)
+    return Tiles(t.bm, t.bn, bk, warps=t.warps, stages=t.stages)
 
 
 @triton.jit
@@ -282,24 +270,11 @@ def _moe_gemm_kernel(
                 xt = _round_e4m3(tl.clamp(v, -448.0, 448.0)).to(tl.float8e4nv)
             else:
                 xt = tl.clamp((v + 12582912.0) - 12582912.0, -128.0, 127.0).to(tl.int8)
-        offset = tl.full((1, 1), 8.0 if FMT == 1 else 128.0, tl.float32)  # ints store q + 2^(b-1)
-        scale = offset
-        if SCALE_MODE == 0:
-            g0 = tl.multiple_of(k0 // GROUP, BK // GROUP)
-            st = _group_tile(s_e, offs_n, n_ok, stride_sn, g0, G, BK // GROUP)
-            if FMT == 0:
-                st = dq.nvfp4_scale(st.to(tl.float8e4nv, bitcast=True), DT)
-            scale = _per_unit(st.to(DT), GROUP // EPU)
-            if HAS_ZP:
-                zt = _group_tile(z_e, offs_n, n_ok, stride_zn, g0, G, BK // GROUP)
-                offset += _per_unit(zt.to(tl.float32), GROUP // EPU)
-        elif HAS_ZP:
-            g = k0 // GROUP if SCALE_MODE == 1 else 0
-            offset += tl.load(z_e + offs_n[:, None] * stride_zn + g, mask=n_ok[:, None], other=0).to(tl.float32)
         if FMT == 5:
             w = units.to(DT)
         else:
-            w = _weight_tile(units, scale, offset, DT, FMT, SCALE_MODE == 0, USE_ASM)
+            w = scaled_weight_tile(units, s_e, z_e, offs_n, n_ok, stride_sn, stride_zn, k0, G, DT, FMT, GROUP,
+                                   SCALE_MODE, HAS_ZP, USE_ASM, BK)
         if SCALE_MODE == 1:
             s = tl.load(s_e + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
             acc += _dot(w, xt, tl.zeros((BN, BM), dtype=tl.float32), UPCAST) * s[:, None]
@@ -338,7 +313,7 @@ def grouped_gemm(x: torch.Tensor, ops: StackOperands, sorted_ids: torch.Tensor, 
         raise ValueError(f"grouped_gemm: x has {x.shape[-1]} features, the expert weights {k}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    e, n = ops.units.shape[0], ops.units.shape[1]
+    n = ops.units.shape[1]
     out_dtype = out_dtype or x.dtype
     out = torch.empty((pairs, n), dtype=out_dtype, device=x.device)
     if pairs == 0:
@@ -457,7 +432,7 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     a = act_and_mul(h, activation, gated)
     y = grouped_gemm(a, down, sorted_ids, block_expert, num_padded, 1, pairs, bm,
                      routed_weights=topk_weights.reshape(-1).float().contiguous())
-    return y.view(t, k, -1).sum(dim=1)
+    return y.view(t, k, y.shape[1]).sum(dim=1)
 
 
 # ---------------------------------------------------------------- the stacked-experts unit's hook
@@ -520,4 +495,4 @@ def experts_forward(experts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
     y = fused_experts(x.reshape(-1, x.shape[-1]), topk_ids.reshape(-1, topk_ids.shape[-1]),
                       topk_weights.reshape(-1, topk_weights.shape[-1]), first, down, experts.activation,
                       experts.gated)
-    return y.reshape(*lead, -1)
+    return y.reshape(*lead, y.shape[-1])

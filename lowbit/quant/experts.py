@@ -100,8 +100,6 @@ class _ExpertView:
     def __init__(self, stack: "ExpertLinear", e: int):
         for name in stack.param_names:
             setattr(self, name, getattr(stack, name)[e])
-        if stack.weight_layout is not None:
-            self.weight_layout = stack.weight_layout
 
 
 class ExpertLinear(nn.Module):
@@ -112,7 +110,6 @@ class ExpertLinear(nn.Module):
         self.scheme, self.spec, self.dtype = scheme, spec, dtype
         self.options = options or RunOptions()
         self.method = method_class(scheme)(scheme, spec.linear_spec(), dtype, self.options)
-        self.weight_layout = None
         proto = nn.Module()
         with torch.device("meta"):  # learn the unit's parameters (names, shapes, dtypes) without memory
             self.method.create(proto)
@@ -174,6 +171,7 @@ class ExpertLinear(nn.Module):
         return None
 
     def finalize(self) -> list[str]:
+        """Notes for the load report (the loader prefixes the stack's name, as for 2-D units)."""
         notes = self._merge_act_scales()
         problems = []
         for name in self.param_names:
@@ -187,8 +185,8 @@ class ExpertLinear(nn.Module):
             from .methods.nvfp4 import WEIGHT_ONLY_NOTE
 
             notes.append(WEIGHT_ONLY_NOTE)
-        notes += [f"{self.spec.name}: {n} ({c} of {self.spec.num_experts} experts' tensors)" if c > 1 else
-                  f"{self.spec.name}: {n}" for n, c in self._notes.items()]
+        notes += [f"{n} ({c} of {self.spec.num_experts} experts' tensors)" if c > 1 else n
+                  for n, c in self._notes.items()]
         self._notes.clear()
         return notes
 
@@ -208,7 +206,7 @@ class ExpertLinear(nn.Module):
                 pick = values.argmax(dim=1)
                 differ = (values != values[:, :1]).any(dim=1).nonzero().flatten().tolist()
                 if differ:
-                    notes.append(f"{self.spec.name}: experts {_ranges(differ)} have different {role} for "
+                    notes.append(f"experts {_ranges(differ)} have different {role} for "
                                  f"{' and '.join(self.spec.shard_names)}; using the larger for their shared input")
             getattr(self, name).data.copy_(values.gather(1, pick[:, None])[:, 0])
         return notes

@@ -13,6 +13,8 @@ module's [rows, in_features]; a KV-cache scale must be one value.
 """
 from __future__ import annotations
 
+import torch
+
 from ..checkpoint import ST_DTYPES, Checkpoint, TensorInfo
 
 SCALE_ROLES = ("weight_scale", "weight_scale_2", "weight_global_scale", "input_scale", "input_global_scale")
@@ -28,19 +30,43 @@ def scale_problem(ckpt: Checkpoint, info: TensorInfo, what: str) -> str | None:
     """What is wrong with the values of one scale tensor (read from disk), or None."""
     if not _float_dtype(info) or info.numel == 0:
         return None  # a dtype the cross-check already refuses
-    v = ckpt.read(info.name).float().reshape(-1)
+    t = ckpt.read(info.name).reshape(-1)
     where = f"{what} {info.name} ({info.file})"
-    if v.numel() == 1:
-        x = float(v[0])
+    if t.numel() == 1:
+        x = float(t.float()[0])
         if not (x > 0 and x != float("inf")):
             return f"{where} is {x}; a per-tensor scale must be finite and > 0: {FIX}"
         return None
+    if not _any_bad(t):
+        return None
+    v = t.float()
     bad = ~v.isfinite() | (v < 0)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        return (f"{where}: {int(bad.sum())} of {v.numel()} values are NaN, infinite or negative (the first, "
-                f"at flat index {i}, is {float(v[i])}); scales must be finite and >= 0: {FIX}")
-    return None
+    i = int(bad.nonzero()[0])
+    return (f"{where}: {int(bad.sum())} of {v.numel()} values are NaN, infinite or negative (the first, at flat "
+            f"index {i}, is {float(v[i])}); scales must be finite and >= 0: {FIX}")
+
+
+# E4M3 bytes that are NaN (0x7F, 0xFF) or negative and non-zero (0x81-0xFE): an FP8 block scale must not hold them
+_FP8_BAD = torch.zeros(256, dtype=torch.bool)
+_FP8_BAD[0x81:] = True
+_FP8_BAD[0x7F] = True
+CHUNK = 1 << 24  # elements per pass when converting to float (bounded memory on large block scales)
+
+
+def _any_bad(t: torch.Tensor) -> bool:
+    """Whether a multi-value scale holds NaN, inf or a negative value. FP8 block scales, the largest scale
+    tensors (1/8 of an NVFP4 model's bytes), are checked on their bytes without converting them."""
+    if t.dtype == torch.float8_e4m3fn:
+        b = t.view(torch.uint8)
+        top = int(b.max())  # one vectorized pass: finite positive E4M3 bytes are 0x00-0x7E
+        if top <= 0x7E:
+            return False
+        return bool(torch.bincount(b, minlength=256)[_FP8_BAD].any())  # rare: -0.0 (0x80) present, or a bad byte
+    for start in range(0, t.numel(), CHUNK):
+        v = t[start:start + CHUNK].float()
+        if not bool(v.isfinite().all()) or bool((v < 0).any()):
+            return True
+    return False
 
 
 def check_values(ckpt: Checkpoint, plan) -> list[tuple[str, str]]:

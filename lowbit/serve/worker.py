@@ -1,7 +1,13 @@
-"""The thread that owns the model. Every request becomes a `Sequence` of one `Scheduler`
-(lowbit/generate.py, the loop `Model.generate` runs too), so requests share the engine's running
-batch: they join it when a KV-cache slot is free and leave it at EOS, a stop string, max_tokens,
-or when their client goes away. Events go back to the event loop, one hand-over per step.
+"""The thread that owns the model. Every choice of a request becomes a `Sequence` of one
+`Scheduler` (lowbit/generate.py, the loop `Model.generate` runs too), so requests share the
+engine's running batch: they join it when a KV-cache slot is free and leave it at EOS, a stop
+string or token, max_tokens, or when their client goes away. Events go back to the event loop, one
+hand-over per step; token strings for logprobs are made here too, off the event loop.
+
+The worker is alive from `start` (which returns once the thread runs on the model's device) until
+`stop` or until something outside a decode step fails: then `error` says why, every waiting
+request gets a `WorkerDied`, new ones are refused, and `on_fatal` (the server's shutdown) is called.
+A failed decode step only fails the requests in that batch.
 """
 from __future__ import annotations
 
@@ -10,76 +16,145 @@ import itertools
 import logging
 import queue
 import threading
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LowbitError
 from ..generate import Detokenizer, Scheduler, Sequence, StreamEvent, sampling_generator
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, SequenceSampler, TokenLogprobs, logprobs_of, to_token_logprobs
 
 log = logging.getLogger("lowbit.serve")
+SEED_MOD = 2**64
+PROMPT_LOGITS_ROWS = 512  # prompt logprobs: rows of logits made at once (a [T, V] float32 block)
+
+
+class WorkerDied(RuntimeError):
+    """The worker thread is gone: requests cannot be served."""
+
+
+@dataclass
+class Choice:
+    """What one sequence of a request asks for."""
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int  # 0: only the prompt's logprobs (echo)
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # echo with logprobs: the prompt's logprobs, with this many alternatives
+
+
+@dataclass
+class PromptLogprobs:
+    """The first event of a choice that asked for its prompt's logprobs: one entry per prompt token
+    (None for the first, which has no context)."""
+    entries: list[TokenLogprobs | None]
 
 
 class Request:
-    """A submitted sequence and the queue its StreamEvents (or an exception) arrive on."""
+    """One choice's sequence; its events (StreamEvent, PromptLogprobs, or an exception) go to
+    `sink` as (choice, event)."""
 
-    def __init__(self, seq: Sequence):
-        self.seq = seq
-        self.events: asyncio.Queue = asyncio.Queue()
+    def __init__(self, seq: Sequence, choice: Choice, sink: asyncio.Queue, index: int, arrival: float):
+        self.seq, self.choice, self.sink, self.index, self.arrival = seq, choice, sink, index, arrival
+        self.done = False  # set on the event loop when its last event is delivered or it is cancelled
+        self.last_token: float | None = None  # worker thread: when its previous token was handed over
 
 
 class Worker:
-    def __init__(self, model, max_batch: int, max_len: int):
-        self.model, self.max_len = model, max_len
+    def __init__(self, model, max_batch: int, max_len: int, metrics=None):
+        self.model, self.max_len, self.metrics = model, max_len, metrics
         self.engine = model.engine(max_batch, max_len)
         self.engine.capture(self.engine.buckets)  # CUDA graphs now, not when the batch first grows
+        # the thread must run on the model's GPU; "cuda" without an index means the one current now
+        dev = model.device
+        self.cuda_index = (dev.index if dev.index is not None else torch.cuda.current_device()) \
+            if dev.type == "cuda" else None
         self.eos = set(model.eos_token_ids)
         try:
             model.tokenizer
             self.has_tokenizer = True
         except LowbitError:
             self.has_tokenizer = False
+        self.error: str | None = None  # why the thread died
+        self.on_fatal = None  # called on the event loop with the error when the thread dies
+        self.outstanding = 0  # sequences submitted and not done (event loop only)
+        self.waiting = self.running = 0  # the scheduler's, as of its last step
         self._shared_generator = None  # requests sampled without a seed share one: sampled in one go
+        self._token_strings: dict[int, str] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # submit vs death: nothing is queued after the inbox is drained
         self._ids = itertools.count()
+        self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
     def start(self) -> None:
-        """Start the thread; call from the event loop the requests are served on."""
+        """Start the thread and wait until it runs; call from the event loop requests are served on."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="lowbit-worker", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise LowbitError(f"the model worker failed to start: {self.error}")
 
     def stop(self) -> None:
-        self._inbox.put(None)
-        self._thread.join()
+        if self._thread is not None and self._thread.is_alive():
+            self._inbox.put(None)
+            self._thread.join()
 
-    def submit(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, stop: list[str],
-               ignore_eos: bool) -> Request:
+    def submit(self, choice: Choice, sink: asyncio.Queue, index: int, arrival: float) -> Request:
+        params = choice.params
         gen = None
         if params.temperature > 0:
             if params.seed is not None:  # its own generator: the same draws whatever else runs
-                gen = sampling_generator(self.model.device, params.seed)
+                gen = sampling_generator(self.model.device, params.seed % SEED_MOD)
             else:
                 if self._shared_generator is None:
                     self._shared_generator = sampling_generator(self.model.device, None)
                 gen = self._shared_generator
-        detok = Detokenizer(self.model, stop) if self.has_tokenizer else None
-        seq = Sequence(next(self._ids), prompt, params, max_new_tokens, set() if ignore_eos else self.eos, detok, gen)
-        req = Request(seq)
-        self._inbox.put(("add", req))
+        detok = Detokenizer(self.model, choice.stop, choice.skip_special_tokens, choice.include_stop) \
+            if self.has_tokenizer else None
+        eos = set() if choice.ignore_eos else self.eos
+        stop_ids = set(choice.stop_token_ids)
+        sampler = SequenceSampler(params, choice.prompt, eos | stop_ids) if params.stateful else None
+        seq = Sequence(next(self._ids), choice.prompt, params, choice.max_new_tokens, eos, detok, gen,
+                       stop_ids=stop_ids, min_tokens=params.min_tokens, sampler=sampler)
+        req = Request(seq, choice, sink, index, arrival)
+        with self._lock:
+            if not self.alive:
+                raise WorkerDied(self.error or "the model worker is not running")
+            self.outstanding += 1
+            self._inbox.put(("add", req))
         return req
 
     def cancel(self, req: Request) -> None:
-        self._inbox.put(("cancel", req))
+        if not req.done:
+            req.done = True
+            self.outstanding -= 1
+            self._inbox.put(("cancel", req))
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
-        if self.model.device.type == "cuda":
-            torch.cuda.set_device(self.model.device)  # kernels launch on the current device
-        scheduler = Scheduler(self.engine)
         live: dict[int, Request] = {}
+        try:
+            if self.cuda_index is not None:
+                torch.cuda.set_device(self.cuda_index)  # kernels launch on the current device
+            self._ready.set()
+            self._serve(live)
+        except BaseException as e:  # noqa: BLE001 - the thread must report any death
+            self._die(e, live)
+
+    def _serve(self, live: dict[int, Request]) -> None:
+        scheduler = Scheduler(self.engine)
         while True:
             for msg in self._messages(wait=not scheduler.busy):
                 if msg is None:
@@ -87,8 +162,7 @@ class Worker:
                     return
                 kind, req = msg
                 if kind == "add":
-                    live[req.seq.index] = req
-                    scheduler.add(req.seq)
+                    self._admit(req, scheduler, live)
                 elif live.pop(req.seq.index, None) is not None:
                     scheduler.cancel(req.seq)
             try:
@@ -100,7 +174,75 @@ class Worker:
                 scheduler.close()
                 scheduler = Scheduler(self.engine)
                 continue
+            self.waiting, self.running = len(scheduler.waiting), len(scheduler.running)
+            if self.metrics is not None:
+                self.metrics.scheduler(self.waiting, self.running, self.engine)
             self._hand_over([(live.pop(ev.index) if ev.finish_reason else live[ev.index], ev) for ev in events])
+
+    def _admit(self, req: Request, scheduler: Scheduler, live: dict[int, Request]) -> None:
+        choice, seq = req.choice, req.seq
+        live[seq.index] = req  # from here on, a death of the thread fails it
+        try:
+            if choice.prompt_logprobs is not None:
+                self._hand_over([(req, PromptLogprobs(self._prompt_logprobs(choice.prompt, choice.prompt_logprobs)))])
+        except Exception as e:
+            log.exception("prompt logprobs failed")
+            self._hand_over([(live.pop(seq.index), e)])
+            return
+        if choice.max_new_tokens == 0:  # echo only
+            seq.finish = "length"
+            self._hand_over([(live.pop(seq.index), StreamEvent(seq.index, -1, "", "length"))])
+            return
+        scheduler.add(seq)
+
+    @torch.inference_mode()
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list[TokenLogprobs | None]:
+        """Logprobs of prompt token t+1 given tokens 0..t: one cache-less forward (Model.logits'
+        computation), the logits made PROMPT_LOGITS_ROWS rows at a time."""
+        net, device = self.model.net, self.model.device
+        x = torch.tensor([ids], device=device)
+        hidden = net(x, torch.arange(len(ids), device=device)[None])[0, :-1]
+        out: list[TokenLogprobs | None] = [None]
+        for start in range(0, hidden.shape[0], PROMPT_LOGITS_ROWS):
+            rows = hidden[start:start + PROMPT_LOGITS_ROWS]
+            chosen = x[0, start + 1:start + 1 + rows.shape[0]]
+            out += to_token_logprobs(chosen.tolist(), logprobs_of(net.compute_logits(rows).float(), chosen, k))
+        return self._with_strings(out)
+
+    def _with_strings(self, entries):
+        for e in entries:
+            if e is not None:
+                self.token_string(e.token_id)
+                for t, _ in e.top:
+                    self.token_string(t)
+        return entries
+
+    def token_string(self, token_id: int) -> str:
+        """A token's text for logprobs ("token_id:N" without a tokenizer); cached."""
+        s = self._token_strings.get(token_id)
+        if s is None:
+            s = self.model.tokenizer.decode([token_id], skip_special_tokens=False) if self.has_tokenizer \
+                else f"token_id:{token_id}"
+            self._token_strings[token_id] = s
+        return s
+
+    def _die(self, e: BaseException, live: dict[int, Request]) -> None:
+        with self._lock:
+            self.error = f"{type(e).__name__}: {e}"
+            pending = list(live.values())
+            while True:
+                try:
+                    msg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if msg is not None and msg[0] == "add":
+                    pending.append(msg[1])
+        log.error("the model worker died: %s", self.error, exc_info=e)
+        self._ready.set()
+        err = WorkerDied(self.error)
+        self._hand_over([(req, err) for req in pending])
+        if self.on_fatal is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.on_fatal, self.error)
 
     def _messages(self, wait: bool) -> list:
         msgs = [self._inbox.get()] if wait else []
@@ -110,11 +252,26 @@ class Worker:
             except queue.Empty:
                 return msgs
 
-    def _hand_over(self, items: list[tuple[Request, StreamEvent | Exception]]) -> None:
-        if items:
-            self._loop.call_soon_threadsafe(_deliver, items)
+    def _hand_over(self, items: list) -> None:
+        if not items:
+            return
+        now = time.monotonic()
+        for req, ev in items:
+            if isinstance(ev, StreamEvent) and ev.token_id >= 0:
+                if ev.logprobs is not None:
+                    self._with_strings([ev.logprobs])
+                if self.metrics is not None:
+                    self.metrics.token(now - (req.last_token or req.arrival), first=req.last_token is None)
+                req.last_token = now
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_deliver, self, items)
 
 
-def _deliver(items) -> None:
+def _deliver(worker: Worker, items) -> None:
     for req, ev in items:
-        req.events.put_nowait(ev)
+        if req.done:
+            continue  # cancelled: nobody reads it
+        if isinstance(ev, Exception) or (isinstance(ev, StreamEvent) and ev.finish_reason):
+            req.done = True
+            worker.outstanding -= 1
+        req.sink.put_nowait((req.index, ev))

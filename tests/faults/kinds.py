@@ -11,9 +11,12 @@ loads and inspects clean, but `lowbit generate` (with `argv`) must exit 2 with t
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 
 from damage import (DELETE, MAIN, add, chain, config, copy_as, drop, entry, header, json_edit, json_set,
@@ -81,6 +84,17 @@ def _on_first(key, value):
     return fn
 
 
+def rope(damage):
+    """A rope-scaling damage: only for families whose config has rope parameters (not Mamba-only ones)."""
+    def wrapped(path: Path):
+        cfg = json.loads((path / "config.json").read_text())
+        text = cfg.get("text_config", cfg)
+        if not any(k in text for k in ("rope_theta", "rope_parameters", "rope_scaling")):
+            pytest.skip("this family has no rotary embedding: rope_scaling is not read")
+        damage(path)
+    return wrapped
+
+
 def _outside(path: Path) -> Path:
     f = path.parent / f"{path.name}-outside.txt"
     f.write_text("not a safetensors file\n")
@@ -138,14 +152,14 @@ GENERIC = [
     ("config-layers-a-string", config("num_hidden_layers", "two"), ("config.json", "num_hidden_layers")),
     ("config-heads-not-multiple-of-kv", config("num_key_value_heads", 3), ("config.json", "num_key_value_heads")),
     ("config-no-hidden-size", config("hidden_size", DELETE), ("config.json", "hidden_size")),
-    ("config-rope-llama3-missing-keys", chain(config("rope_parameters", DELETE), config("rope_scaling", {
-        "rope_type": "llama3", "factor": 8.0})), ("config.json", "low_freq_factor")),
-    ("config-rope-linear-no-factor", chain(config("rope_parameters", DELETE), config("rope_scaling", {"type": "linear"})),
+    ("config-rope-llama3-missing-keys", rope(chain(config("rope_parameters", DELETE), config("rope_scaling", {
+        "rope_type": "llama3", "factor": 8.0}))), ("config.json", "low_freq_factor")),
+    ("config-rope-linear-no-factor", rope(chain(config("rope_parameters", DELETE), config("rope_scaling", {"type": "linear"}))),
      ("config.json", "factor")),
-    ("config-rope-a-list", chain(config("rope_parameters", DELETE), config("rope_scaling", [8.0])),
+    ("config-rope-a-list", rope(chain(config("rope_parameters", DELETE), config("rope_scaling", [8.0]))),
      ("config.json", "rope_scaling")),
-    ("config-rope-unknown-type", chain(config("rope_parameters", DELETE), config("rope_scaling", {"rope_type": "spiral",
-                                                                                                "factor": 2.0})),
+    ("config-rope-unknown-type", rope(chain(config("rope_parameters", DELETE), config("rope_scaling", {"rope_type": "spiral",
+                                                                                                "factor": 2.0}))),
      ("config.json", "spiral")),
     ("config-rms-eps-negative", config("rms_norm_eps", -1e-6), ("config.json", "rms_norm_eps")),
     ("config-unknown-dtype", chain(config("dtype", "float7"), config("torch_dtype", DELETE)), ("float7",)),
@@ -179,8 +193,10 @@ GENERIC = [
     ("cli-empty-prompt", lambda p: None, ("empty",), "generate", ("--prompt", "")),
     ("cli-empty-stdin-prompt", lambda p: None, ("standard input",), "generate", ("--prompt", "-"), ""),
 ]
-# The fixtures every generic kind runs on; a new family adds its fixture here.
-FAMILY_FIXTURES = ["modelopt-nvfp4", "llmcompressor-w4a16"]
+# The fixtures every generic kind runs on in CI; a new family adds its fixture here. LOWBIT_FAULT_FIXTURES
+# (comma-separated fixture names) runs them on others, e.g. every family's: see tests/faults/README.md.
+FAMILY_FIXTURES = [f for f in os.environ.get("LOWBIT_FAULT_FIXTURES", "").split(",") if f] or \
+    ["modelopt-nvfp4", "llmcompressor-w4a16"]
 
 
 def _generic() -> list[Kind]:

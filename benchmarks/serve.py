@@ -1,0 +1,161 @@
+"""Load benchmark of a running `lowbit serve` (or any OpenAI-compatible server): Poisson arrivals at
+several request rates, each request a real streaming `openai` client; reports per rate the output
+throughput, TTFT and inter-token latency p50/p99, and errors. `--prefix-probe` measures the TTFT of
+a prompt that repeats a long shared prefix (a 2k-token system prompt) cold and warm, which is what
+prefix caching should cut.
+
+Prompts are random token ids (synthetic models have no tokenizer), so lengths are exact.
+
+  lowbit serve --synthetic llama-3-8b --scheme nvfp4 --max-num-seqs 64 &
+  python benchmarks/serve.py --url http://127.0.0.1:8000 --rates 4,8,16,inf --requests 256 \
+      --prompt-len 512 --max-tokens 128 --prefix-probe --json serve.json
+
+CPU smoke run (tiny model; tests/test_serve_bench.py does this):
+  lowbit serve --synthetic tiny --device cpu --dtype float32 --max-model-len 256 --port 8123 &
+  python benchmarks/serve.py --url http://127.0.0.1:8123 --rates 4,inf --requests 8 --prompt-len 16 \
+      --max-tokens 8 --prefix-probe --prefix-len 128
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+async def one_request(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """Stream one completion; times of its first token and of every later one (return_token_ids:
+    a chunk per token, also from a model without a tokenizer, whose chunks have no text)."""
+    start = time.perf_counter()
+    times, tokens = [], 0
+    try:
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True, "return_token_ids": True})
+        async for chunk in stream:
+            if chunk.choices:
+                times.append(time.perf_counter())
+            elif chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    except Exception as e:  # noqa: BLE001 - every failure is a counted error, with its kind
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return {"ttft": times[0] - start if times else None, "itl": [b - a for a, b in zip(times, times[1:])],
+            "tokens": tokens, "end": time.perf_counter()}
+
+
+async def run_rate(client, model: str, rate: float, requests: int, prompt_len: int, max_tokens: int, vocab: int,
+                   rng: random.Random) -> dict:
+    """`requests` requests with exponential gaps of mean 1/rate (rate inf: all at once)."""
+    tasks = []
+    start = time.perf_counter()
+    for i in range(requests):
+        prompt = [rng.randrange(3, vocab) for _ in range(prompt_len)]
+        tasks.append(asyncio.create_task(one_request(client, model, prompt, max_tokens)))
+        if math.isfinite(rate) and i + 1 < requests:
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    wall = max((r["end"] for r in ok), default=time.perf_counter()) - start
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in ok)
+    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    return {"rate": rate, "requests": requests, "ok": len(ok), "errors": len(errors),
+            "error_kinds": sorted(set(errors))[:5], "wall_s": round(wall, 3),
+            "output_tok_s": round(tokens / wall, 1) if wall > 0 else None, "req_s": round(len(ok) / wall, 2),
+            "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+            "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99))}
+
+
+async def prefix_probe(client, model: str, prefix_len: int, repeats: int, vocab: int, rng: random.Random) -> dict:
+    """TTFT of prompts sharing a `prefix_len`-token prefix (a long system prompt): the first one
+    (cold) and the median of the next `repeats` (warm, sent one at a time); and of unrelated prompts
+    of the same length, for comparison."""
+    prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+    tail = lambda: [rng.randrange(3, vocab) for _ in range(16)]  # noqa: E731
+
+    async def ttft(prompt):
+        r = await one_request(client, model, prompt, 1)
+        if "error" in r:
+            raise RuntimeError(r["error"])
+        return r["ttft"]
+
+    cold = await ttft(prefix + tail())
+    warm = [await ttft(prefix + tail()) for _ in range(repeats)]
+    other = [await ttft([rng.randrange(3, vocab) for _ in range(prefix_len)] + tail()) for _ in range(repeats)]
+    w, o = percentile(warm, 50), percentile(other, 50)
+    return {"prefix_len": prefix_len, "cold_ttft_ms": round(cold * 1000, 2), "warm_ttft_p50_ms": round(w * 1000, 2),
+            "unshared_ttft_p50_ms": round(o * 1000, 2), "speedup_vs_unshared": round(o / w, 2)}
+
+
+async def main_async(args) -> dict:
+    import httpx
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0,
+                                timeout=args.timeout, http_client=httpx.AsyncClient(
+                                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+                                    timeout=args.timeout))
+    models = await client.models.list()
+    model = args.model or models.data[0].id
+    rng = random.Random(args.seed)
+    out = {"url": args.url, "model": model, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+           "rates": []}
+    await run_rate(client, model, math.inf, min(2, args.requests), args.prompt_len, 2, args.vocab, rng)  # warm-up
+    for rate in args.rates:
+        res = await run_rate(client, model, rate, args.requests, args.prompt_len, args.max_tokens, args.vocab, rng)
+        if args.bench_tok_s:
+            res["vs_bench_decode"] = round(res["output_tok_s"] / args.bench_tok_s, 3)
+        print(json.dumps(res), flush=True)
+        out["rates"].append(res)
+    if args.prefix_probe:
+        out["prefix_probe"] = await prefix_probe(client, model, args.prefix_len, args.prefix_repeats, args.vocab, rng)
+        print(json.dumps(out["prefix_probe"]), flush=True)
+    await client.close()
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", help="model id (default: the server's first)")
+    p.add_argument("--api-key", default="unused")
+    p.add_argument("--rates", default="1,4,inf", help="requests per second, comma-separated; inf: all at once")
+    p.add_argument("--requests", type=int, default=64, help="requests per rate")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (random ids)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (ignore_eos)")
+    p.add_argument("--vocab", type=int, default=500, help="prompt ids are drawn from [3, vocab)")
+    p.add_argument("--bench-tok-s", type=float, help="`lowbit bench` aggregate decode tok/s to compare with")
+    p.add_argument("--prefix-probe", action="store_true", help="measure TTFT of a repeated long shared prefix")
+    p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--prefix-repeats", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    args.rates = [float(r) for r in args.rates.split(",")]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = asyncio.run(main_async(args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 1 if any(r["errors"] for r in out["rates"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
