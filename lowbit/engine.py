@@ -86,6 +86,7 @@ class Engine:
             raise LowbitError("prefix caching needs a model without recurrent layers: a recurrent state is "
                               "not kept at block boundaries, so a cached prefix could not be resumed")
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.cache_options: dict = {}  # what Model.engine built it with
         self._prompt: dict[int, list[int]] = {}  # slot -> prompt tokens fed so far (for prefix hashes)
         self._free = list(range(num_slots))
         self.lengths = [0] * (num_slots + 1)  # host copy of each slot's length, for bounds checks
