@@ -136,8 +136,15 @@ def test_preemption_under_a_tiny_block_pool_completes_every_request(tiny):
         scheduler.add(Sequence(9, list(range(3, 40)), GREEDY, 5, set()))
 
 
-def test_prefix_cache_hits_give_the_cold_logits(tiny):
+@pytest.mark.parametrize("kv_cache", ["auto", "fp8"])
+def test_prefix_cache_hits_give_the_cold_logits(tiny, kv_cache):
+    """Also with an FP8 KV cache: the cached prefix is read back dequantized, as the cold forward's
+    fake-quantized keys and values."""
+    if kv_cache == "fp8":
+        tiny = synthetic.build("tiny", "bf16", device="cpu", dtype=torch.float32, kv_cache="fp8",
+                               seed=random.randrange(2**31))
     engine = Engine(tiny, 2, 64, cuda_graphs=False, block_size=4)
+    assert engine.cache.fp8 == (kv_cache == "fp8")
     shared = torch.randint(3, 512, (18,)).tolist()
     a = engine.acquire()
     engine.prefill(a, shared + [5, 6], GREEDY)
@@ -175,3 +182,26 @@ def test_paged_scheduler_on_gpu_with_cuda_graphs():
         got, _ = run_scheduler(engine, prompts, lengths, budget=8)
         assert engine.cuda_graphs, engine.notes
         assert got == want
+
+
+def test_running_stream_gets_a_token_every_step_while_a_long_prompt_prefills(tiny):
+    """A budget of 8 with chunks of 4: a 60-token prompt arriving mid-stream is prefilled over many
+    steps, and the running stream gets its token in every one of them (no pause)."""
+    engine = Engine(tiny, 2, 96, cuda_graphs=False, block_size=4, prefix_caching=False)
+    scheduler = Scheduler(engine, token_budget=8, chunk_size=4)
+    a = Sequence(0, torch.randint(3, 512, (5,)).tolist(), GREEDY, 30, set())
+    b = Sequence(1, torch.randint(3, 512, (60,)).tolist(), GREEDY, 3, set())
+    scheduler.add(a)
+    while not a.out:
+        scheduler.step()
+    scheduler.add(b)
+    prefill_steps = 0
+    while not b.out:
+        before = len(a.out)
+        scheduler.step()
+        prefill_steps += 1
+        assert len(a.out) == before + 1, "the running stream missed a step while a prompt was prefilled"
+    assert prefill_steps >= 60 // 8  # the prompt took many steps
+    while scheduler.busy:
+        scheduler.step()
+    assert a.out == greedy_reference(tiny, a.prompt, 30) and b.out == greedy_reference(tiny, b.prompt, 3)
