@@ -80,11 +80,15 @@ class Engine:
         self.cache = PagedCaches(self.net.cache_specs(model.dtype), num_slots, max_len, num_blocks, block_size,
                                  self.device)
         self.block_size = block_size
+        # a prompt may be computed in pieces (chunks, or after a cached prefix) unless its rotary
+        # frequencies depend on the whole length (dynamic scaling): then each prompt runs whole
+        self.chunkable = self.net.graph_safe
         if prefix_caching is None:
-            prefix_caching = not self.cache.has_state
-        elif prefix_caching and self.cache.has_state:
-            raise LowbitError("prefix caching needs a model without recurrent layers: a recurrent state is "
-                              "not kept at block boundaries, so a cached prefix could not be resumed")
+            prefix_caching = not self.cache.has_state and self.chunkable
+        elif prefix_caching and (self.cache.has_state or not self.chunkable):
+            raise LowbitError("prefix caching needs a model without recurrent layers (a recurrent state is "
+                              "not kept at block boundaries, so a cached prefix could not be resumed) and "
+                              "with length-independent rotary frequencies")
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.cache_options: dict = {}  # what Model.engine built it with
         self._prompt: dict[int, list[int]] = {}  # slot -> prompt tokens fed so far (for prefix hashes)

@@ -195,7 +195,8 @@ class Scheduler:
         self._admit()
         ran = False
         for s in [s for s in self.running if s.done < len(s.feed) and s.finish is None]:
-            end = len(s.feed) if self.token_budget is None else min(len(s.feed), (s.done // self.chunk_size + 1) * self.chunk_size)
+            whole = self.token_budget is None or not engine.chunkable
+            end = len(s.feed) if whole else min(len(s.feed), (s.done // self.chunk_size + 1) * self.chunk_size)
             n = end - s.done
             if budget is not None and n > budget and ran:
                 break
