@@ -10,15 +10,18 @@ the sequence grows (lowbit/blocks.py, lowbit/caches.py), so memory follows the a
 Scheduler in lowbit/generate.py mixes such chunks with decode steps). With prefix caching (models
 without recurrent layers), `prefill` first takes the cached blocks of the prompt's longest cached
 prefix and computes only the rest; `prefix_cache_stats` counts the hits. A step that needs a block
-when none is free raises OutOfBlocks (the Scheduler preempts a sequence before that happens). The token each slot feeds next and its position live on the device
+when none is free raises OutOfBlocks (the Scheduler preempts a sequence before that happens).
+The token each slot feeds next and its position live on the device
 (`tokens`, `positions`), so a step needs nothing from the host but the list of slots, and results
 come back through `Tokens`, which copies them to the host without blocking the GPU.
 
 A decode step runs the batch padded to a size bucket (1, 2, 4, 8, ...); padding rows use the
 cache's `pad_slot`. Each bucket's step is captured once in a CUDA graph: the graph reads the slot
 list from a static buffer, gathers tokens and positions by slot, and leaves float32 logits in a
-static buffer; sampling and the per-slot updates run after it, still without a host sync. With
-or without graphs the step runs the same kernels, so greedy tokens are identical.
+static buffer; sampling and the per-slot updates run after it, still without a host sync. The
+block table is a static device buffer too: new blocks are written into it before the replay, and
+the graph maps each row's position to its pool row. With or without graphs the step runs the same
+kernels, so greedy tokens are identical.
 """
 from __future__ import annotations
 
@@ -252,7 +255,8 @@ class Engine:
         hidden = self.net(x, pos, self._context(slot_ids, pos, decode=True))
         return self.net.compute_logits(hidden[:, 0]).float()
 
-    def _context(self, slots: torch.Tensor, positions: torch.Tensor, decode: bool, fresh: bool = True) -> ForwardContext:
+    def _context(self, slots: torch.Tensor, positions: torch.Tensor, decode: bool,
+                 fresh: bool = True) -> ForwardContext:
         tables = self.cache.block_tables
         return ForwardContext(slots, positions, decode, self.cache.layers, fresh=fresh, block_tables=tables,
                               rows=cache_rows(tables, slots, positions, self.block_size))

@@ -1,6 +1,7 @@
 """Generation on the engine (lowbit/engine.py): each prompt is prefilled into its own slot (in
-chunks, under a per-step token budget), then all running sequences decode together, one token per step. Sequences join when a slot
-is free and leave the batch when they finish (EOS, a stop string or max_new_tokens), so a batch of
+chunks, under a per-step token budget), then all running sequences decode together, one token per
+step. Sequences join when a slot and the KV blocks of their prompt are free and leave the batch
+when they finish (EOS, a stop string or max_new_tokens), so a batch of
 unequal prompts gives the same tokens as running each alone. `Scheduler` is that loop; `generate`
 and `stream` run it over a fixed list of prompts, the server (lowbit/serve/) over requests that
 come and go.

@@ -16,7 +16,8 @@ NaN-poisoned; the loader fills them (`shard_param` says what slice a rank keeps)
 Cache (`cache_spec`; `state_spec` from a config): per slot a conv tail "conv" [C, K-1] (the last K-1
 conv inputs, compute dtype)
 and the recurrent state "ssm" [H_v, d_k, d_v] in fp32. Prefill rows start from an empty history (or,
-for a later chunk of a prompt, `ctx.fresh` False, from their slot's) and leave both in their slot; a decode step (T == 1) reads and updates them in place (CUDA-graph safe).
+for a later chunk of a prompt, `ctx.fresh` False, from their slot's) and leave both in their slot;
+a decode step (T == 1) reads and updates them in place (CUDA-graph safe).
 
 Tensor parallelism (tp_size ranks): heads are split, H_k / tp key heads and H_v / tp value heads per
 rank (both must divide; value head h reads key head h // (H_v / H_k), so contiguous splits keep each

@@ -9,7 +9,8 @@
 
 Per-slot cache (`cache_spec`): "conv" [C, K-1] the last K-1 conv inputs (compute dtype), "ssm"
 [H, P, N] the SSM state (`mamba_ssm_cache_dtype`, float32 by default). A prefill starts every row
-from zero state (a later chunk of a prompt, `ctx.fresh` False: from its slot's) and leaves both in its slot; a decode step reads and updates them in place.
+from zero state (a later chunk of a prompt, `ctx.fresh` False: from its slot's) and leaves both in
+its slot; a decode step reads and updates them in place.
 
 Tensor parallelism: heads are split across ranks in whole groups (n_groups % tp == 0), so every rank
 keeps the B/C groups its heads read. Rank r of tp holds heads [r H/tp, (r+1) H/tp), which are
