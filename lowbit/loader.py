@@ -93,6 +93,17 @@ def build_experts(slot: ExpertSlot, plan: QuantPlan, dtype, options: RunOptions,
     return stack
 
 
+def spec_sizes(slot, group: list[LayerPlan], tp_size: int) -> tuple[int, ...]:
+    """The shard sizes of the QLinear that runs `group` (LayerPlans of one slot): the shards it holds;
+    a one-module slot's tensor-parallel sections (slots.py) only under tensor parallelism (at tp=1
+    the module is one block of rows, whatever its sections)."""
+    if group[0].shard is not None:
+        return tuple(slot.shard_sizes[p.shard] for p in group)
+    if len(slot.shards) > 1 or tp_size > 1:
+        return slot.shard_sizes
+    return (slot.out_features,)
+
+
 def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_size=1):
     """One LinearGroup per slot; returns (name -> group, on-disk module name -> Target)."""
     groups: dict[str, nn.Module] = {}
@@ -115,8 +126,9 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
             missing += [f"{s}: missing from the checkpoint (no {s}.* tensors){alt}" for s in absent]
             continue
         for group in plan.slot_parts(slot):
-            fused_on_disk = group[0].shard is None and len(slot.shards) > 1
-            sizes = slot.shard_sizes if fused_on_disk else tuple(slot.shard_sizes[p.shard or 0] for p in group)
+            whole = group[0].shard is None  # one on-disk module: fused on disk, or a one-module slot
+            fused_on_disk = whole and len(slot.shards) > 1
+            sizes = spec_sizes(slot, group, tp_size)
             name = slot.fused_name if len(group) == len(slot.shards) or fused_on_disk else \
                 "+".join(p.name for p in group)
             spec = LinearSpec(name, slot.in_features, sizes, slot.bias, slot.parallel, tp_rank, tp_size)
@@ -125,7 +137,7 @@ def build_linears(plan: QuantPlan, dtype, options: RunOptions, tp_rank=0, tp_siz
             parts.append(layer)
             for i, p in enumerate(group):
                 rows = disk_slot.out_features if p.shard is None else disk_slot.shard_sizes[p.shard]
-                targets[p.name] = Target(layer, None if fused_on_disk else (i if len(sizes) > 1 else None), p,
+                targets[p.name] = Target(layer, None if whole else (i if len(sizes) > 1 else None), p,
                                          rows, disk_slot.shard_sizes, kv_factor if parallel.is_qkv(slot) else 1)
         groups[slot.fused_name] = LinearGroup(parts)
     if missing:
@@ -192,6 +204,7 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             violations.append(f"{mod_name}: stored both fused and split on disk; only one layout may be present")
 
     # embeddings, norms, q/k norms
+    fam, shapes = family(cfg), family(cfg).expected_params(cfg)
     for canon, tname in plan.params.items():
         p = plain.get(canon)
         info = ckpt.tensors[tname]
@@ -199,12 +212,12 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             violations.append(f"{tname}: unexpected tensor (no parameter {canon} in {cfg.architecture})")
             continue
         written.add(canon)
-        want_shape = disk_param_shape(canon, p, tp_size)
+        want_shape = shapes.get(canon, tuple(p.shape))  # the whole tensor; each rank keeps its part
         bad = check_tensor(TensorSpec("float", want_shape), info.dtype, info.shape)
         if bad:
             violations.append(f"{tname} ({canon}): {bad}")
             continue
-        jobs.append((tname, lambda t, p=p, c=canon: write_param(p, t, c, tp_rank, tp_size)))
+        jobs.append((tname, lambda t, p=p, c=canon: write_param(fam, cfg, p, t, c, tp_rank, tp_size)))
     for canon in plain:
         if canon not in written:
             violations.append(f"{canon}: missing from the checkpoint (expected {list(plain[canon].shape)})")
@@ -246,18 +259,11 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
     return model, report
 
 
-VOCAB_SHARDED = "model.embed_tokens.weight"  # split by vocabulary rows under tensor parallelism
-
-
-def disk_param_shape(canon: str, p: torch.Tensor, tp_size: int) -> tuple:
-    """The on-disk shape of a (possibly sharded) plain parameter."""
-    if canon == VOCAB_SHARDED:
-        return (p.shape[0] * tp_size,) + tuple(p.shape[1:])
-    return tuple(p.shape)
-
-
-def write_param(p: torch.Tensor, t: torch.Tensor, canon: str, tp_rank: int, tp_size: int):
-    if canon == VOCAB_SHARDED and tp_size > 1:
-        t = t.narrow(0, tp_rank * p.shape[0], p.shape[0])
+def write_param(fam, cfg, p: torch.Tensor, t: torch.Tensor, canon: str, tp_rank: int, tp_size: int):
+    """Copy this rank's part (`Family.param_shard`) of the whole on-disk plain parameter t into p."""
+    t = fam.param_shard(cfg, canon, t, tp_rank, tp_size)
+    if tuple(t.shape) != tuple(p.shape):
+        raise CheckpointError([f"{canon}: rank {tp_rank} of tp={tp_size} gets a slice of shape {list(t.shape)}, "
+                               f"but the parameter has shape {list(p.shape)}"], header=f"{cfg.architecture}")
     p.data.copy_(t.to(p.dtype))
     return None

@@ -75,11 +75,13 @@ def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     return out.movedim(0, -2).reshape(*x.shape[:-1], n * x.shape[-1])
 
 
-def check(cfg, tp: int) -> None:
-    """Refuse a tensor-parallel size the model cannot be split into."""
+def check(cfg, tp: int, also: dict[str, int] | None = None, refused: dict[str, str] | None = None) -> None:
+    """Refuse a tensor-parallel size the model cannot be split into. also: more config fields
+    (name -> value) that must be multiples of tp (a family's heads, groups, expert sizes); refused:
+    config fields whose setting does not split at all (name -> why)."""
     if tp == 1:
         return
-    problems = []
+    problems = [f"{name} is set ({why})" for name, why in (refused or {}).items()]
     if cfg.num_heads % tp:
         problems.append(f"num_attention_heads {cfg.num_heads} is not a multiple of tp={tp}")
     if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
@@ -89,6 +91,7 @@ def check(cfg, tp: int) -> None:
                         f"split by vocabulary rows)")
     if cfg.intermediate_size % tp:
         problems.append(f"intermediate_size {cfg.intermediate_size} is not a multiple of tp={tp}")
+    problems += [f"{name} {value} is not a multiple of tp={tp}" for name, value in (also or {}).items() if value % tp]
     if problems:
         raise ConfigError(f"{cfg.architecture} cannot run with tensor parallelism {tp}: {'; '.join(problems)}; "
                           f"pick a tp that divides them")

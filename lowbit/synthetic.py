@@ -15,7 +15,7 @@ import torch
 from . import parallel
 from .config import parse_model_config
 from .errors import ConfigError
-from .loader import LoadReport, build_model, disk_param_shape, finish_loading, write_param
+from .loader import LoadReport, build_model, finish_loading, write_param
 from .model import Model, resolve_device
 from .models import family
 from .models.slots import ExpertSlot
@@ -177,8 +177,8 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
     with torch.inference_mode():
         for slot, group in ((slot, g) for slot in plan.slots for g in _modules(slot)):
             shards = [plan.layers[n] for n, _ in group]
-            weights = {p.name: _randn((slot.shard_sizes[p.shard or 0], slot.in_features), p.name, seed, device,
-                                      WEIGHT_STD) for p in shards}
+            weights = {p.name: _randn((slot.out_features if p.shard is None else slot.shard_sizes[p.shard],
+                                       slot.in_features), p.name, seed, device, WEIGHT_STD) for p in shards}
             shared = rtn.shared_amax(list(weights.values()))  # fused shards share per-tensor scales
             for p in shards:
                 w = weights.pop(p.name)
@@ -188,12 +188,13 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
                     targets[p.name].write(role, t, cfg)
                     report.tensors_read += 1
                     report.bytes_read += t.numel() * t.element_size()
+        fam, shapes = family(cfg), expected_params(cfg)
         for canon, param in plain.items():
             std = WEIGHT_STD if canon == "model.embed_tokens.weight" else 0.1
-            t = _randn(disk_param_shape(canon, param, tp_size), canon, seed, device, std)
+            t = _randn(shapes[canon], canon, seed, device, std)  # whole; each rank keeps its part
             if canon != "model.embed_tokens.weight":
                 t = t + 1.0  # norm weights around 1
-            write_param(param, t, canon, tp_rank, tp_size)
+            write_param(fam, cfg, param, t, canon, tp_rank, tp_size)
             report.bytes_read += t.numel() * t.element_size()
         if kv_cache == "fp8":
             plan.kv_cache = "fp8"

@@ -55,7 +55,7 @@ def test_mtp_skipped_and_stray_input_scales_ignored_on_w4a16(tmp_path):
     assert torch.isfinite(model.logits(ids)).all()
 
 
-def test_tensor_parallel_is_refused_by_name():
+def test_tensor_parallel_splits_heads_or_names_the_field():
     from lowbit.config import parse_model_config
     from lowbit.errors import ConfigError
     from lowbit.models import family
@@ -64,5 +64,6 @@ def test_tensor_parallel_is_refused_by_name():
     if not src.exists():
         pytest.skip("no fixtures")
     cfg = parse_model_config(json.loads((src / "config.json").read_text()))
-    with pytest.raises(ConfigError, match="tensor parallelism is not implemented for the Qwen3.5"):
-        family(cfg).check_tp(cfg, 2)
+    family(cfg).check_tp(cfg, 2)  # 2 key / 4 value heads split in two (tests/test_tp.py runs it)
+    with pytest.raises(ConfigError, match="linear_num_key_heads 2 is not a multiple of tp=4"):
+        family(cfg).check_tp(cfg, 4)

@@ -3,7 +3,8 @@ runs in the batch. Mixed requests (greedy and seeded, prompts and lengths of eve
 concurrently through the real server and the openai client, then each alone; the tokens must match.
 
 On CPU this holds in float32. In bfloat16 (and NVFP4, which runs its GEMMs in bf16) it does not
-yet: the CPU decode attention (`ops.decode_attention_ref`) pads every row to the batch's longest
+yet: the CPU decode attention (`decode_attention_ref`, lowbit/kernels/decoder.py) pads every row
+to the batch's longest
 length, and SDPA's bf16 result for a row changes with that padded length. Those cases are xfail
 until the reference attends each row over its own length (a per-row loop in
 decode_attention_ref: with it, both pass); remove the mark then.
@@ -26,7 +27,8 @@ from serve_helpers import one_thread, serving  # noqa: F401
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU_ATTENTION_PADS = pytest.mark.xfail(
     not torch.cuda.is_available(), strict=False,
-    reason="ops.decode_attention_ref pads each row to the batch's longest length (bf16 SDPA differs)")
+    reason="kernels/decoder.py decode_attention_ref pads each row to the batch's longest length "
+           "(bf16 SDPA differs); rare, so bf16 may XPASS")
 
 
 def jobs(count: int, vocab: int, seed: int = 0) -> list[dict]:

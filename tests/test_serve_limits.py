@@ -121,10 +121,10 @@ def _stream_gaps(client, during, monkeypatch, service):
     return max(inside), outside[len(outside) // 2], outside[-1]
 
 
-def assert_on_schedule(worst: float, median: float, noise: float) -> None:
+def on_schedule(worst: float, median: float, noise: float) -> bool:
     """The worst gap while the big request ran is within 100 ms of the usual one, or no worse than
     the worst gap without it (a busy shared CI machine stalls a process now and then by itself)."""
-    assert worst < max(median + 0.1, noise), (worst, median, noise)
+    return worst < max(median + 0.1, noise)
 
 
 SEND_10MB = """
@@ -140,25 +140,30 @@ print(r.status_code, flush=True)
 
 def test_a_10mb_prompt_does_not_stall_a_running_stream(limited, client, monkeypatch):
     """The 10 MB prompt comes from another process (as from another client machine), started
-    before the stream: only the server's own work on it can delay the stream."""
+    before the stream: only the server's own work on it can delay the stream. The sender competes
+    for this machine's 2 busy cores, so a run that misses the schedule is tried once more (a real
+    stall misses it every time)."""
     url, service = limited
-    sender = subprocess.Popen([sys.executable, "-c", SEND_10MB, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert sender.stdout.readline().strip() == "ready"
-        answers = []
+    for tries_left in (1, 0):
+        sender = subprocess.Popen([sys.executable, "-c", SEND_10MB, url], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert sender.stdout.readline().strip() == "ready"
+            answers = []
 
-        def send():
-            sender.stdin.write("go\n")
-            sender.stdin.flush()
-            answers.append(sender.stdout.readline().strip())
+            def send():
+                sender.stdin.write("go\n")
+                sender.stdin.flush()
+                answers.append(sender.stdout.readline().strip())
 
-        gaps = _stream_gaps(client, send, monkeypatch, service)
-    finally:
-        sender.kill()
-        sender.wait()
-    assert answers == ["413"]  # refused on its Content-Length: never parsed
-    assert_on_schedule(*gaps)
+            gaps = _stream_gaps(client, send, monkeypatch, service)
+        finally:
+            sender.kill()
+            sender.wait()
+        assert answers == ["413"]  # refused on its Content-Length: never parsed
+        if on_schedule(*gaps) or not tries_left:
+            break
+    assert on_schedule(*gaps), gaps
 
 
 def test_tokenizing_runs_off_the_event_loop(limited, client, monkeypatch):
@@ -172,13 +177,16 @@ def test_tokenizing_runs_off_the_event_loop(limited, client, monkeypatch):
         return encode(self, *a, **k)
 
     monkeypatch.setattr(type(tok), "__call__", slow)
-    answers = []
-    with httpx.Client(timeout=60) as http:  # made before: creating a client costs ~0.2 s of this process's GIL
-        gaps = _stream_gaps(client, lambda: answers.append(
-            http.post(url + "/v1/completions", json={"prompt": "slow to tokenize", "max_tokens": 2})),
-            monkeypatch, service)
-    assert answers[0].status_code == 200
-    assert_on_schedule(*gaps)
+    for tries_left in (1, 0):  # as above: a miss is tried once more, a real stall misses every time
+        answers = []
+        with httpx.Client(timeout=60) as http:  # made before: creating a client costs ~0.2 s of this process
+            gaps = _stream_gaps(client, lambda: answers.append(
+                http.post(url + "/v1/completions", json={"prompt": "slow to tokenize", "max_tokens": 2})),
+                monkeypatch, service)
+        assert answers[0].status_code == 200
+        if on_schedule(*gaps) or not tries_left:
+            break
+    assert on_schedule(*gaps), gaps
 
 
 # ---------------------------------------------------------------- queue and timeout

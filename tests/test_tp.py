@@ -38,22 +38,42 @@ COMPUTE = torch.float64
 TP_BOUND = 1e-6
 
 
+# Hybrid families (issues 12, 13): tiny versions of the --synthetic configs, every split exercised
+# (linear-attention and Mamba2 heads, attention with its KV heads, dense MLP, MoE experts + shared).
+_SMALL = dict(hidden_size=256, vocab_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+_QWEN35 = _SMALL | dict(num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64,
+                        linear_value_head_dim=64)
+_NEMOTRON = _SMALL | dict(mamba_num_heads=8, mamba_head_dim=32, n_groups=2, ssm_state_size=16, chunk_size=16,
+                          intermediate_size=512)
+HYBRID = {"qwen3.5-dense": ("qwen3.5-27b", _QWEN35 | {"intermediate_size": 512}),
+          "qwen3.5-moe": ("qwen3.5-35b-a3b", _QWEN35 | dict(num_experts=8, moe_intermediate_size=128,
+                                                            shared_expert_intermediate_size=128)),
+          "nemotron-h-dense": ("nemotron-h-8b", _NEMOTRON | {"hybrid_override_pattern": "M*M-"}),
+          "nemotron-h-moe": ("nemotron-h-8b", _NEMOTRON | dict(hybrid_override_pattern="M*ME", n_routed_experts=8,
+                                                               num_experts_per_tok=2, moe_intermediate_size=128,
+                                                               moe_shared_expert_intermediate_size=256))}
+HYBRID_SCHEMES = ["bf16", "nvfp4"]
+HYBRID_FIXTURES = ["base-qwen3_5-bf16", "base-nemotronh-bf16"]
+SYNTHETIC_MODELS = {"synthetic": ("tiny", None), "synthetic-moe": ("tiny-moe", None)} | HYBRID
+
+
 def _model(case, seed):
     kind, name, extra = case
     if kind == "fixture":
         return lowbit.load(FIXTURES / name, device="cpu", dtype=COMPUTE, progress=False)
-    return synthetic.build("tiny-moe" if kind == "synthetic-moe" else "tiny", name, lm_head_quant=True,
-                           device="cpu", dtype=COMPUTE, seed=seed, overrides=extra)
+    model, overrides = SYNTHETIC_MODELS[kind]
+    return synthetic.build(model, name, lm_head_quant=True, device="cpu", dtype=COMPUTE, seed=seed,
+                           overrides=(overrides or {}) | (extra or {}))
 
 
-def _run(cases, seed, ids, prompt):
-    """What each case computes: logits of `ids`, and for the first case greedy tokens of `prompt`."""
+def _run(cases, seed, ids, prompt, greedy=(0,)):
+    """What each case computes: logits of `ids`, and for the cases `greedy` greedy tokens of `prompt`."""
     out = {}
     for i, case in enumerate(cases):
         m = _model(case, seed)
         out[i] = m.logits(ids)
-        if i == 0:
-            out["greedy"] = m.generate([prompt], max_new_tokens=12, ignore_eos=True)[0].output_ids
+        if i in greedy:
+            out["greedy", i] = m.generate([prompt], max_new_tokens=12, ignore_eos=True)[0].output_ids
     return out
 
 
@@ -74,9 +94,52 @@ def test_two_gloo_ranks_equal_tp1(cases):
     tp2 = parallel.launch(2, _run, cases, seed, ids, prompt, backend="gloo")
     assert torch.equal(tp2[0][0], tp2[1][0])  # every rank ends with the whole logits
     ref = _run(cases, seed, ids, prompt)
-    assert tp2[0]["greedy"] == ref["greedy"]
+    assert tp2[0]["greedy", 0] == ref["greedy", 0]
     for i, case in enumerate(cases):
         assert rel_err(tp2[0][i], ref[i]) < TP_BOUND, case
+
+
+def test_hybrid_families_two_gloo_ranks_equal_tp1():
+    """Qwen3.5 (Gated DeltaNet) and Nemotron-H (Mamba2), dense and MoE, bf16 and NVFP4, and their
+    fixtures: the logits of two ranks equal tp=1's; greedy decoding through the recurrent-state
+    caches too (Qwen3.5 dense, Nemotron-H MoE)."""
+    cases = [(k, s, None) for k in HYBRID for s in HYBRID_SCHEMES]
+    cases += [("fixture", n, None) for n in HYBRID_FIXTURES if n in all_fixture_names()]
+    greedy = (cases.index(("qwen3.5-dense", "bf16", None)), cases.index(("nemotron-h-moe", "bf16", None)))
+    seed = random.randrange(2**31)
+    ids = torch.randint(3, 500, (2, 11))
+    prompt = torch.randint(3, 500, (5,)).tolist()
+    tp2 = parallel.launch(2, _run, cases, seed, ids, prompt, greedy, backend="gloo")
+    ref = _run(cases, seed, ids, prompt, greedy)
+    for i in greedy:
+        assert tp2[0]["greedy", i] == ref["greedy", i], cases[i]
+    for i, case in enumerate(cases):
+        assert torch.equal(tp2[0][i], tp2[1][i]), case
+        assert rel_err(tp2[0][i], ref[i]) < TP_BOUND, case
+
+
+@pytest.mark.parametrize("kind,extra,field", [
+    ("qwen3.5-dense", {"linear_num_key_heads": 1, "linear_num_value_heads": 2}, "linear_num_key_heads 1"),
+    ("qwen3.5-dense", {"linear_num_value_heads": 3, "linear_num_key_heads": 1}, "linear_num_value_heads 3"),
+    ("qwen3.5-moe", {"moe_intermediate_size": 127}, "moe_intermediate_size 127"),
+    ("qwen3.5-moe", {"shared_expert_intermediate_size": 65}, "shared_expert_intermediate_size 65"),
+    ("nemotron-h-dense", {"n_groups": 1}, "n_groups 1"),
+    ("nemotron-h-dense", {"mamba_num_heads": 6, "n_groups": 3}, "mamba_num_heads 6 is not a multiple of tp=4"),
+    ("nemotron-h-dense", {"num_attention_heads": 3, "num_key_value_heads": 1}, "num_attention_heads 3"),
+    ("nemotron-h-moe", {"moe_shared_expert_intermediate_size": 255}, "moe_shared_expert_intermediate_size 255"),
+    ("nemotron-h-moe", {"moe_latent_size": 128}, "moe_latent_size is set"),
+])
+def test_hybrid_tp_refuses_what_does_not_split(kind, extra, field):
+    """The families name the config field that does not split (before any weight is built)."""
+    from lowbit.config import parse_model_config
+    from lowbit.models import family
+
+    name, overrides = HYBRID[kind]
+    cfg = parse_model_config(synthetic.model_config(name, overrides | extra))
+    tp = 4 if "tp=4" in field else 2
+    family(cfg).check_tp(cfg, 1)
+    with pytest.raises(ConfigError, match=field):
+        family(cfg).check_tp(cfg, tp)
 
 
 def _bad_tp(name):
@@ -229,11 +292,13 @@ def test_two_nccl_ranks_row_parallel_w8a8():
             assert torch.equal(ranks[rank][name, "graph"], ranks[rank][name]), (name, rank)
 
 
-def _run_gpu(schemes, seed, ids, prompts):
-    """Per scheme: logits, and greedy tokens without and with CUDA graphs (NCCL inside the graphs)."""
+def _run_gpu(schemes, seed, ids, prompts, kind=None):
+    """Per scheme: logits, and greedy tokens without and with CUDA graphs (NCCL inside the graphs).
+    kind: a HYBRID model instead of the Llama "small"."""
     out = {}
+    model, overrides = HYBRID[kind] if kind else ("small", None)
     for s in schemes:
-        m = synthetic.build("small", s, lm_head_quant=True, seed=seed)
+        m = synthetic.build(model, s, lm_head_quant=True, seed=seed, overrides=overrides)
         out[s] = m.logits(ids).float().cpu()
         runs = []
         for graphs in (False, True):
@@ -267,6 +332,26 @@ def test_two_nccl_ranks():
     ref = _run_gpu(schemes, seed, ids, prompts)
     for s in schemes:
         assert rel_err(tp2[0][s], ref[s]) < (W8A8_BF16_BOUND if s.startswith("fp8") else 2e-2), s
+        eager, graphs = tp2[0][s, "graphs"]
+        assert tp2[0][s, "captured"][0], tp2[0][s, "captured"][1]
+        assert eager == graphs, s
+
+
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("kind", ["qwen3.5-dense", "nemotron-h-dense"])
+def test_two_nccl_ranks_hybrid(kind):
+    """A hybrid model on 2 GPUs (Gated DeltaNet / Mamba2 state caches, their kernels, NCCL inside
+    the decode graphs): logits agree with tp=1 to bf16 rounding; greedy tokens with graphs equal
+    those without."""
+    schemes = ["bf16", "nvfp4"]
+    seed = random.randrange(2**31)
+    ids = torch.randint(3, 500, (2, 19))
+    prompts = [torch.randint(3, 500, (n,)).tolist() for n in (4, 21)]
+    tp2 = parallel.launch(2, _run_gpu, schemes, seed, ids, prompts, kind, backend="nccl", timeout=240)
+    ref = _run_gpu(schemes, seed, ids, prompts, kind)
+    for s in schemes:
+        assert rel_err(tp2[0][s], ref[s]) < 2e-2, s
         eager, graphs = tp2[0][s, "graphs"]
         assert tp2[0][s, "captured"][0], tp2[0][s, "captured"][1]
         assert eager == graphs, s

@@ -57,6 +57,17 @@ def _act(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ references
+def _depthwise(xp: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """Valid depthwise conv of xp [B, C, L] with weight [C, K] -> [B, C, L-K+1]. F.conv1d, except in
+    float64, where PyTorch's CPU depthwise conv1d takes a slow path (0.2 s for 2 x 512 x 14, 500x
+    float32's) and the K products summed in tap order give the same values to float64 rounding."""
+    if xp.dtype != torch.float64:
+        return F.conv1d(xp, weight.unsqueeze(1), bias, groups=xp.shape[1])
+    k, n = weight.shape[1], xp.shape[-1] - weight.shape[1] + 1
+    y = sum(xp[..., j:j + n] * weight[:, j, None] for j in range(k))
+    return y if bias is None else y + bias[:, None]
+
+
 def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None):
     """transformers' causal_conv1d_fn on [B, T, C], plus the final state (the last K-1 inputs)."""
     _check(x, weight, bias, activation, -1, "causal_conv1d")
@@ -65,7 +76,7 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None)
     b, t, c = x.shape
     k = weight.shape[1]
     xt = x.transpose(1, 2)
-    y = F.conv1d(xt.to(weight.dtype), weight.unsqueeze(1), bias, padding=k - 1, groups=c)[..., :t]
+    y = _depthwise(F.pad(xt.to(weight.dtype), (k - 1, 0)), weight, bias)
     y = _act(y, activation).to(x.dtype).transpose(1, 2)
     state = F.pad(xt, (k - 1, 0))[..., t:]  # [B, C, K-1]: the last K-1 inputs, zeros before position 0
     return y, state.contiguous()
@@ -77,7 +88,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
     rows = torch.arange(x.shape[0], device=x.device) if slots is None else slots
     window = torch.cat([conv_state[rows], x[:, :, None].to(conv_state.dtype)], dim=-1)  # [B, C, K]
     conv_state[rows] = window[..., 1:]
-    y = F.conv1d(window.to(weight.dtype), weight.unsqueeze(1), bias, groups=x.shape[1])[..., 0]
+    y = _depthwise(window.to(weight.dtype), weight, bias)[..., 0]
     return _act(y, activation).to(x.dtype)
 
 

@@ -20,7 +20,8 @@ groups [r G/tp, (r+1) G/tp):
   conv1d    weight/bias channels [x | B | C] split the same way (three pieces)
   A_log, D, dt_bias   the rank's heads;  norm.weight   the rank's part of I (whole groups)
   out_proj  row-parallel over I; the layer all-reduces its output when tp_size > 1.
-`Mamba2Mixer.tp_slice(name, tensor, rank)` cuts an on-disk parameter to this rank's part.
+`Mamba2Mixer.shard_param(cfg, name, tensor, rank, tp)` cuts an on-disk parameter to a rank's part
+(the Nemotron-H family's `param_shard` calls it).
 """
 from __future__ import annotations
 
@@ -209,12 +210,16 @@ class Mamba2Mixer(nn.Module):
         })
 
     def tp_slice(self, name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-        """This rank's part of the on-disk mixer parameter `name` (conv1d.weight, conv1d.bias,
-        dt_bias, A_log, D, norm.weight); see the module docstring for the layout."""
-        n = self.tp_size
+        """This rank's part of the on-disk mixer parameter `name` (`shard_param` with this layer's tp)."""
+        return self.shard_param(self.cfg, name, tensor, rank, self.tp_size)
+
+    @staticmethod
+    def shard_param(cfg: Mamba2Config, name: str, tensor: torch.Tensor, rank: int, tp_size: int) -> torch.Tensor:
+        """The slice of the on-disk mixer parameter `name` (conv1d.weight, conv1d.bias, dt_bias, A_log,
+        D, norm.weight) that rank keeps; see the module docstring for the layout."""
+        n = tp_size
         if n == 1:
             return tensor
-        cfg = self.cfg
         if name in ("conv1d.weight", "conv1d.bias"):
             gn = cfg.n_groups * cfg.state_size
             parts, start = [], 0
@@ -226,7 +231,7 @@ class Mamba2Mixer(nn.Module):
         if name in ("dt_bias", "A_log", "D", "norm.weight"):
             per = tensor.shape[0] // n
             return tensor.narrow(0, rank * per, per)
-        raise KeyError(f"Mamba2Mixer.tp_slice: no parameter {name!r}")
+        raise KeyError(f"Mamba2Mixer.shard_param: no parameter {name!r}")
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         b, t, _ = x.shape

@@ -9,6 +9,7 @@ question the rest of lowbit asks about an architecture:
   sanitize         on-disk tensor name -> canonical name (VLM wrappers, `backbone.*`, ...)
   skip             on-disk tensors the family knowingly leaves unused, with the reason (Qwen3.5's MTP head)
   check_tp         which tensor-parallel sizes the model splits into
+  param_shard      the slice of a plain parameter one tensor-parallel rank keeps
   build            the nn.Module (a `DecoderModel`)
 The model it builds exposes `forward(ids, positions, ctx)`, `compute_logits`, `cache_specs` (what the
 engine allocates per layer) and `attention_layers` (where FP8 KV-cache scales go), so the engine and
@@ -29,6 +30,8 @@ from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..names import to_canonical
 from .slots import LinearSlot
+
+VOCAB_SHARDED = "model.embed_tokens.weight"  # split by vocabulary rows under tensor parallelism
 
 
 class Family:
@@ -59,6 +62,16 @@ class Family:
 
     def check_tp(self, cfg, tp: int) -> None:
         parallel.check(cfg, tp)
+
+    def param_shard(self, cfg, name: str, tensor: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+        """This rank's part of the plain parameter `name` (canonical), given whole (its shape in
+        `expected_params`): the loader and lowbit/synthetic.py write what this returns. The embedding
+        is split by vocabulary rows (parallel.VocabParallelEmbedding); everything else is replicated
+        unless a family splits it (heads of a linear-attention or Mamba2 layer)."""
+        if tp > 1 and name == VOCAB_SHARDED:
+            n = tensor.shape[0] // tp
+            return tensor.narrow(0, rank * n, n)
+        return tensor
 
     def build(self, cfg, linears: dict[str, nn.Module], dtype, tp_size: int = 1) -> nn.Module:
         raise NotImplementedError

@@ -11,7 +11,12 @@ Each layer is one pre-norm block x + mixer(norm(x)), the mixer by `layers_block_
   moe               sigmoid router with score-correction bias and group-limited choice, routed
                     ungated experts (optionally in a latent space: fc1_latent_proj / fc2_latent_proj),
                     times routed_scaling_factor, plus one shared MLP (`shared_experts`)
-All norms are RMSNorm with `layer_norm_epsilon`. No tensor parallelism yet (check_tp refuses tp > 1).
+All norms are RMSNorm with `layer_norm_epsilon`.
+
+Tensor parallelism: Mamba2 heads split in whole B/C groups (in_proj column-parallel in its five
+sections, out_proj row-parallel, conv1d/A_log/D/dt_bias/norm through `param_shard`), attention and
+the MLP as every family's, the MoE experts and shared MLP on their intermediate dimension with the
+router replicated and one all-reduce per block. The latent MoE (`moe_latent_size`) runs at tp=1 only.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import parallel
 from ..config import ModelConfig, common_fields
 from ..errors import ConfigError
 from ..kernels.moe_ref import Routing
@@ -149,8 +155,8 @@ class NemotronHFamily(Family):
             p = f"model.layers.{i}.mixer"
             if kind == "linear_attention":
                 m = cfg.mamba
-                slots += [LinearSlot(f"{p}.in_proj", (f"{p}.in_proj",), (sum(in_proj_shard_sizes(m)),), h, False,
-                                     "column"),
+                # column-parallel in five sections [z | x | B | C | dt], each split by heads / groups
+                slots += [LinearSlot(f"{p}.in_proj", (f"{p}.in_proj",), in_proj_shard_sizes(m), h, False, "column"),
                           LinearSlot(f"{p}.out_proj", (f"{p}.out_proj",), (h,), m.intermediate_size, False, "row")]
             elif kind == "full_attention":
                 slots += attention_slots(p, h, cfg.q_size, cfg.kv_size, cfg.q_size, cfg.num_kv_heads)
@@ -191,21 +197,34 @@ class NemotronHFamily(Family):
         return list(cfg.layers_of["full_attention"])
 
     def check_tp(self, cfg, tp):
-        if tp > 1:
-            raise ConfigError(f"{cfg.architecture}: tensor parallelism is not implemented for Nemotron-H yet "
-                              f"(tp={tp}); run it with tp=1")
+        also, refused = {}, {}
+        if cfg.mamba is not None:
+            also |= {"mamba_num_heads": cfg.mamba.num_heads, "n_groups": cfg.mamba.n_groups}
+        if cfg.layers_of["moe"]:
+            also |= {"moe_intermediate_size": cfg.moe_intermediate_size,
+                     "moe_shared_expert_intermediate_size": cfg.shared_intermediate_size}
+            if cfg.moe_latent_size:
+                refused["moe_latent_size"] = ("the latent projections around the experts are not split; "
+                                              "run it with tp=1")
+        parallel.check(cfg, tp, also, refused)
+
+    def param_shard(self, cfg, name, tensor, rank, tp):
+        head, sep, leaf = name.partition(".mixer.")
+        if sep and tp > 1 and cfg.kind(int(head.rsplit(".", 1)[1])) == "linear_attention":
+            return Mamba2Mixer.shard_param(cfg.mamba, leaf, tensor, rank, tp)
+        return super().param_shard(cfg, name, tensor, rank, tp)
 
     # -- the model -----------------------------------------------------------------------------
-    def mixer(self, cfg, i, linears, dtype):
+    def mixer(self, cfg, i, linears, dtype, tp_size=1):
         p, kind = f"model.layers.{i}.mixer", cfg.layer_types[i]
         if kind == "linear_attention":
             return Mamba2Mixer(cfg.mamba, i, {"in_proj": linears[f"{p}.in_proj"],
-                                              "out_proj": linears[f"{p}.out_proj"]}, dtype)
+                                              "out_proj": linears[f"{p}.out_proj"]}, dtype, tp_size)
         if kind == "full_attention":
             return Attention(i, linears[f"{p}.qkv_proj"], linears[f"{p}.o_proj"], cfg.num_heads, cfg.num_kv_heads,
-                             cfg.head_dim)
+                             cfg.head_dim, tp_size=tp_size)
         if kind == "mlp":
-            return MLP(linears[f"{p}.up_proj"], linears[f"{p}.down_proj"], cfg.hidden_act)
+            return MLP(linears[f"{p}.up_proj"], linears[f"{p}.down_proj"], cfg.hidden_act, tp_size)
         from ..quant.experts import Experts
 
         experts = Experts(linears[f"{p}.experts.up_proj"], linears[f"{p}.experts.down_proj"], cfg.hidden_act)
@@ -215,11 +234,11 @@ class NemotronHFamily(Family):
                           scaling=cfg.routed_scaling_factor, n_group=cfg.n_group, topk_group=cfg.topk_group)
         shared = MLP(linears[f"{p}.shared_experts.up_proj"], linears[f"{p}.shared_experts.down_proj"], cfg.hidden_act)
         return MoEBlock(cfg.hidden_size, routing, experts, dtype, shared_expert=shared, router_dtype=torch.float32,
-                        correction_bias=True)
+                        correction_bias=True, tp_size=tp_size)  # one all-reduce for experts + shared
 
     def build(self, cfg, linears, dtype, tp_size=1):
-        layers = [NemotronHBlock(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype), self.mixer(cfg, i, linears, dtype))
-                  for i in range(cfg.num_layers)]
+        layers = [NemotronHBlock(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype),
+                                 self.mixer(cfg, i, linears, dtype, tp_size)) for i in range(cfg.num_layers)]
         return DecoderModel(cfg, layers, linears, dtype, tp_size, {"none": NoRotary()})
 
 

@@ -20,13 +20,19 @@ Rotary: M-RoPE (`mrope_section`, `mrope_interleaved`) mixes temporal/height/widt
 text the three position ids are equal, so every layout gives the plain 1-D rotary of the rotated
 dims, which is what runs here.
 
+Tensor parallelism: attention as every family's; the Gated DeltaNet heads split like attention heads
+(its projections column-parallel by head, out_proj row-parallel, conv1d/A_log/dt_bias through
+`param_shard`); the MoE experts and the shared expert on their intermediate dimension, the routers
+replicated, one all-reduce per MoE block.
+
 Not run: the MTP head (`mtp.*` tensors are reported skipped: speculative decoding is not
-implemented) and tensor parallelism (refused).
+implemented).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import parallel
 from ..config import ModelConfig, common_fields
 from ..errors import ConfigError
 from ..kernels.moe_ref import Routing
@@ -139,9 +145,10 @@ class Qwen3_5Family(Family):
             p = f"model.layers.{i}"
             if cfg.is_linear(i):
                 a = f"{p}.linear_attn"
-                rows = {"in_proj_qkv": 2 * kd + vd, "in_proj_z": vd, "in_proj_b": d.num_v_heads,
-                        "in_proj_a": d.num_v_heads}
-                slots += [LinearSlot(f"{a}.{n}", (f"{a}.{n}",), (r,), cfg.hidden_size, False, "column")
+                # column-parallel by heads: in_proj_qkv's sections [q | k | v] split each (conv_channels)
+                rows = {"in_proj_qkv": (kd, kd, vd), "in_proj_z": (vd,), "in_proj_b": (d.num_v_heads,),
+                        "in_proj_a": (d.num_v_heads,)}
+                slots += [LinearSlot(f"{a}.{n}", (f"{a}.{n}",), r, cfg.hidden_size, False, "column")
                           for n, r in rows.items()]
                 slots.append(LinearSlot(f"{a}.out_proj", (f"{a}.out_proj",), (cfg.hidden_size,), vd, False, "row"))
             else:  # q_proj: [query | gate] per head
@@ -172,9 +179,18 @@ class Qwen3_5Family(Family):
         return shapes
 
     def check_tp(self, cfg, tp):
-        if tp > 1:
-            raise ConfigError(f"{cfg.architecture}: tensor parallelism is not implemented for the Qwen3.5 family "
-                              f"yet (tp={tp}); run it with tp=1")
+        d = cfg.linear
+        also = {"linear_num_key_heads": d.num_k_heads, "linear_num_value_heads": d.num_v_heads}
+        if cfg.moe:
+            also |= {"moe_intermediate_size": cfg.moe_intermediate_size,
+                     "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size}
+        parallel.check(cfg, tp, also)
+
+    def param_shard(self, cfg, name, tensor, rank, tp):
+        head, sep, leaf = name.partition(".linear_attn.")
+        if sep and tp > 1:  # conv1d.weight, A_log, dt_bias by head; norm.weight replicated
+            return GatedDeltaNet.shard_param(cfg.linear, leaf, tensor, rank, tp)
+        return super().param_shard(cfg, name, tensor, rank, tp)
 
     # ------------------------------------------------------------------ the model
     def build(self, cfg, linears, dtype, tp_size=1):

@@ -4,6 +4,11 @@ A `LinearSlot` is one in-memory projection. Its `shards` are the canonical names
 store split (q_proj, k_proj, v_proj); `fused_name` is the name it has when stored fused on disk
 (qkv_proj, Phi-3 style). Every family lists its slots through `Family.linear_slots(cfg)`; the
 helpers below build the slots most families share.
+
+`shard_sizes` are also the slot's tensor-parallel sections: a column-parallel slot gives rank r the
+r-th part of each shard. A slot of ONE on-disk module may list several sizes (Gated DeltaNet's
+in_proj_qkv [q | k | v], Mamba2's in_proj [z | x | B | C | dt]): the module is then sliced like a
+fused-on-disk one, so each rank keeps its heads of every section.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 class LinearSlot:
     fused_name: str  # canonical in-memory name (also the fused-on-disk name)
     shards: tuple[str, ...]  # canonical split names, in fused order
-    shard_sizes: tuple[int, ...]
+    shard_sizes: tuple[int, ...]  # one per shard, or the sections of a one-shard slot (module docstring)
     in_features: int
     bias: bool
     parallel: str  # 'column' | 'row'
