@@ -1,6 +1,7 @@
-"""Generation on the engine (lowbit/engine.py): each prompt is prefilled into its own KV-cache
-slot, then all running sequences decode together, one token per step. Sequences join when a slot
-is free and leave the batch when they finish (EOS, a stop string or max_new_tokens), so a batch of
+"""Generation on the engine (lowbit/engine.py): each prompt is prefilled into its own slot (in
+chunks, under a per-step token budget), then all running sequences decode together, one token per
+step. Sequences join when a slot and the KV blocks of their prompt are free and leave the batch
+when they finish (EOS, a stop string or max_new_tokens), so a batch of
 unequal prompts gives the same tokens as running each alone. `Scheduler` is that loop; `generate`
 and `stream` run it over a fixed list of prompts, the server (lowbit/serve/) over requests that
 come and go.
@@ -94,6 +95,8 @@ class Sequence:
     out: list[int] = field(default_factory=list)
     finish: str | None = None  # "eos" | "stop" | "length" | "cancelled"
     pending: int = 0  # tokens launched on the device, not yet read back
+    feed: list[int] = field(default_factory=list)  # what its prefill computes: prompt (+ output, after a preemption)
+    done: int = 0  # tokens of feed in the KV cache (a cached prefix, then prefilled chunks)
     stop_ids: set[int] = field(default_factory=set)  # tokens that end it like EOS, finish "stop"
     min_tokens: int = 0  # no stop string is looked for before this many tokens (EOS and stop_ids are
     # kept from being sampled by the sampler)
@@ -122,22 +125,41 @@ class Sequence:
 
 
 class Scheduler:
-    """Continuous batching on one engine: `add` sequences at any time; each `step` admits waiting
-    ones into free slots (prefill), launches the next decode step of every running one, and returns
-    the events of the tokens read back. Finished and cancelled sequences free their slot as soon as
-    none of their tokens is still in flight."""
+    """Continuous batching on one engine: `add` sequences at any time; each `step` launches the next
+    decode step of every running sequence, then spends what is left of the step's token budget on
+    prompt chunks (chunked prefill: waiting sequences are admitted into free slots when the KV cache
+    has the blocks for their prompt, and a long prompt is prefilled over several steps, so running
+    streams keep their inter-token latency while new prompts arrive), and returns the events of the
+    tokens read back. Finished and cancelled sequences free their slot and blocks as soon as none of
+    their tokens is still in flight.
 
-    def __init__(self, engine):
+    Preemption: when the running sequences need more KV blocks than are free, the most recently
+    admitted ones are preempted (their blocks freed, their prompt and output so far recomputed when
+    they are admitted again), so a request that fits the cache alone always completes.
+    token_budget: tokens per step (decode rows + prompt chunks; at least one chunk runs per step);
+    None = whole prompts at once. chunk_size: prompts are cut at its multiples (fixed cuts, so a prompt
+    is computed the same way whatever else runs).
+    """
+
+    def __init__(self, engine, token_budget: int | None = 2048, chunk_size: int = 512):
         self.engine = engine
+        self.token_budget, self.chunk_size = token_budget, chunk_size
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # holding a slot
+        self.running: list[Sequence] = []  # holding a slot (prefilling or decoding), in admission order
         self._inflight = []  # (sequences, Tokens) in launch order
+        self.preemptions = 0
 
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
+        engine = self.engine
+        need = engine.blocks.blocks_for(min(len(seq.prompt) + seq.max_new_tokens, engine.max_len))
+        if need > engine.blocks.num_blocks:
+            raise LowbitError(f"a prompt of {len(seq.prompt)} tokens with max_new_tokens={seq.max_new_tokens} needs "
+                              f"{need} KV-cache blocks; the cache has {engine.blocks.num_blocks}: build the engine "
+                              "with more blocks or ask for fewer tokens")
         self.waiting.append(seq)
 
     def cancel(self, seq: Sequence) -> None:
@@ -146,14 +168,21 @@ class Scheduler:
 
     def step(self) -> list[StreamEvent]:
         engine = self.engine
-        while self.waiting and engine.free_slots:
-            s = self.waiting.popleft()
-            if s.finish is None:  # else cancelled while waiting
-                s.slot, s.pending = engine.acquire(), 1
-                self.running.append(s)
-                self._inflight.append(([s], engine.prefill(s.slot, s.prompt, s.sampling, s.generator)))
-        # launch the next step first; sequences known to reach max_new_tokens are left out
-        step = [s for s in self.running if s.finish is None and len(s.out) + s.pending < s.max_new_tokens]
+        events: list[StreamEvent] = []
+        # 1. the decode step of every sequence past its prompt (those known to reach max_new_tokens
+        #    are left out), with the KV blocks it needs: preempt the newest sequences if short
+        while True:
+            step = [s for s in self.running if s.finish is None and s.done == len(s.feed)
+                    and len(s.out) + s.pending < s.max_new_tokens]
+            need = sum(engine.blocks_needed(s.slot, engine.lengths[s.slot] + 1) for s in step)
+            if need <= engine.free_blocks:
+                break
+            if self._inflight:  # read what is in flight first: a victim must have no pending token
+                events += self._read()
+                self._release_finished()
+                continue
+            victim = self.running[-1]
+            self._preempt(victim)
         step.sort(key=lambda s: sampling_key(s.sampling, s.generator))  # rows that sample alike side by side
         launched = []
         if step:
@@ -161,6 +190,53 @@ class Scheduler:
                 s.pending += 1
             launched.append((step, engine.decode([s.slot for s in step], [s.sampling for s in step],
                                                  [s.generator for s in step])))
+        # 2. prompt chunks under what is left of the budget (at least one chunk per step). Chunks are
+        #    cut at multiples of chunk_size, whatever else runs: a prompt's numerics do not depend on the load
+        budget = None if self.token_budget is None else self.token_budget - len(step)
+        self._admit()
+        ran = False
+        for s in [s for s in self.running if s.done < len(s.feed) and s.finish is None]:
+            whole = self.token_budget is None or not engine.chunkable
+            end = len(s.feed) if whole else min(len(s.feed), (s.done // self.chunk_size + 1) * self.chunk_size)
+            n = end - s.done
+            if budget is not None and n > budget and ran:
+                break
+            last = end == len(s.feed)
+            toks = engine.extend(s.slot, s.feed[s.done:end], s.sampling, s.generator, sample_next=last)
+            s.done, ran = end, True
+            if budget is not None:
+                budget -= n
+            if last:
+                s.pending += 1
+                launched.append(([s], toks))
+        # 3. read back the previous step's tokens (the GPU is busy with this step meanwhile)
+        events += self._read()
+        self._inflight = launched
+        self._release_finished()
+        return events
+
+    def _admit(self) -> None:
+        """Admit waiting sequences (in order) while a slot and the blocks of their prompt are free."""
+        engine = self.engine
+        while self.waiting and engine.free_slots:
+            s = self.waiting[0]
+            if s.finish is not None:  # cancelled while waiting
+                self.waiting.popleft()
+                continue
+            feed = s.prompt + s.out  # after a preemption: recompute the output so far too
+            if engine.blocks.blocks_for(len(feed)) > engine.free_blocks:  # (a cached prefix may need fewer)
+                return
+            slot = engine.acquire()
+            hit = engine.begin(slot, feed)
+            if engine.blocks_needed(slot, len(feed)) > engine.free_blocks:
+                engine.release(slot)
+                return
+            engine.reserve(slot, len(feed))
+            self.waiting.popleft()
+            s.slot, s.feed, s.done = slot, feed, hit
+            self.running.append(s)
+
+    def _read(self) -> list[StreamEvent]:
         events = []
         for batch, toks in self._inflight:
             for s, tok in zip(batch, toks.get()):
@@ -168,10 +244,18 @@ class Scheduler:
                 lp = s.sampler.take_logprobs() if s.sampler else None  # one per token read, emitted or not
                 if s.finish is None:
                     events.append(s.emit(tok, lp))
-        self._inflight = launched
+        self._inflight = []
+        return events
+
+    def _release_finished(self) -> None:
         for s in [s for s in self.running if s.finish is not None and s.pending == 0]:
             self._release(s)
-        return events
+
+    def _preempt(self, s: Sequence) -> None:
+        self._release(s)
+        self.preemptions += 1
+        if s.finish is None:
+            self.waiting.appendleft(s)
 
     def close(self) -> None:
         """Free every slot (when the caller stops early); tokens still in flight are dropped."""
@@ -183,6 +267,7 @@ class Scheduler:
     def _release(self, s: Sequence) -> None:
         self.engine.release(s.slot)
         s.slot = -1
+        s.feed, s.done = [], 0
         self.running.remove(s)
 
 

@@ -31,15 +31,18 @@ class Model:
         self._tokenizer = None
         self._engine = None
 
-    def engine(self, slots: int, max_len: int, cuda_graphs: bool | None = None):
-        """The decode engine (lowbit.engine.Engine), kept while it has enough slots and length."""
+    def engine(self, slots: int, max_len: int, cuda_graphs: bool | None = None, **cache):
+        """The decode engine (lowbit.engine.Engine), kept while it has enough slots and length and the
+        same cache options (`cache`: block_size, num_blocks, prefix_caching; see Engine)."""
         from .engine import Engine
 
         e = self._engine
         if e is None or e.num_slots < slots or e.max_len < max_len or (cuda_graphs is not None and
-                                                                         e.cuda_graphs != cuda_graphs):
+                                                                         e.cuda_graphs != cuda_graphs) \
+                or (cache and cache != e.cache_options):
             self._engine = None  # free the old cache before allocating the new one
-            e = self._engine = Engine(self, slots, max_len, cuda_graphs=cuda_graphs)
+            e = self._engine = Engine(self, slots, max_len, cuda_graphs=cuda_graphs, **cache)
+            e.cache_options = cache
         return e
 
     # ---------------------------------------------------------------- tokenizer

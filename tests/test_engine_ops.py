@@ -59,15 +59,14 @@ def _check_rope(dt, device, d, rot, exact_fp8):
     q, k, v = q.view(b, t, h, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
     ang = torch.randn(b, t, rot // 2, device=device).repeat(1, 1, 2)
     cos, sin = ang.cos().to(dt), ang.sin().to(dt)
-    slots = torch.tensor([2, 0], device=device)
-    pos = torch.tensor([[0, 1, 2], [5, 6, 7]], device=device)
+    rows = torch.tensor([[8, 9, 10], [33, 34, 35]], device=device)  # flat pool rows (through block tables)
     for fp8 in (False, True):
         store = torch.float8_e4m3fn if fp8 else dt
-        caches = [torch.randn(4, 10, hkv, d, device=device).to(store) for _ in range(2)]
+        caches = [torch.randn(40, hkv, d, device=device).to(store) for _ in range(2)]
         caches += [c.clone() for c in caches]
         scales = (torch.tensor(0.05, device=device), torch.tensor(0.03, device=device)) if fp8 else (None, None)
-        qa, ka = ops.rope_and_store(q, k, v, cos, sin, caches[0], caches[1], slots, pos, *scales)
-        qb, kb = without_triton(ops.rope_and_store, q, k, v, cos, sin, caches[2], caches[3], slots, pos, *scales)
+        qa, ka = ops.rope_and_store(q, k, v, cos, sin, caches[0], caches[1], rows, *scales)
+        qb, kb = without_triton(ops.rope_and_store, q, k, v, cos, sin, caches[2], caches[3], rows, *scales)
         # the interpreter matches eager bit for bit; compiled for a GPU (fused multiply-adds), an element
         # may round differently by one ulp of the inputs' scale: where q*cos and q'*sin cancel, that is
         # a large relative but a tiny absolute difference (seen on an H200: 3.36e-4 vs 0 at |q| ~ 1.5)
@@ -81,8 +80,36 @@ def _check_rope(dt, device, d, rot, exact_fp8):
             assert close(caches[0], caches[2], 2**-3 if fp8 else ulp) and close(caches[1], caches[3], 2**-3 if fp8 else ulp)
 
 
+def paged(kc, block_size: int, gen: torch.Generator):
+    """Scatter slot caches [S, L, Hkv, D] into a block pool in a random block order:
+    (pool [NB + 1, BS, Hkv, D], block_tables [S, L / BS] int32)."""
+    s, length = kc.shape[:2]
+    nb = s * length // block_size
+    order = torch.randperm(nb, generator=gen).to(kc.device)
+    tables = order.view(s, length // block_size).to(torch.int32)
+    pool = torch.zeros((nb + 1, block_size) + kc.shape[2:], dtype=kc.dtype, device=kc.device)
+    pool[tables.long()] = kc.view(s, length // block_size, block_size, *kc.shape[2:])
+    return pool, tables
+
+
+def slot_attention(q, kc, vc, slots, pos, scale, ks, vs, window):
+    """Decode attention over contiguous slot caches (an independent spelling of the reference)."""
+    outs = []
+    for b in range(q.shape[0]):
+        lo = 0 if window is None else max(0, int(pos[b]) - window + 1)
+        k, v = kc[slots[b], lo:int(pos[b]) + 1], vc[slots[b], lo:int(pos[b]) + 1]
+        if ks is not None:
+            k, v = ops.dequantize_kv(k, ks, q.dtype), ops.dequantize_kv(v, vs, q.dtype)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k) * scale, -1)
+        outs.append(torch.einsum("hn,nhd->hd", p, v))
+    return torch.stack(outs)
+
+
 def _check_decode_attention(dt, device, d):
-    s, length, h, hkv = 5, 150, 8, 2
+    s, length, h, hkv, bs = 5, 160, 8, 2, 16
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     for fp8 in (False, True):
         kc, vc = torch.randn(s, length, hkv, d, device=device), torch.randn(s, length, hkv, d, device=device)
         ks = vs = None
@@ -91,14 +118,19 @@ def _check_decode_attention(dt, device, d):
             kc, vc = ops.quantize_kv(kc * 0.1, ks), ops.quantize_kv(vc * 0.1, vs)
         else:
             kc, vc = kc.to(dt), vc.to(dt)
+        kp, tables = paged(kc, bs, gen)
+        vp = torch.zeros_like(kp)
+        vp[tables.long()] = vc.view(s, length // bs, bs, hkv, d)
         q = torch.randn(3, h, d, dtype=dt, device=device)
         slots, pos = torch.tensor([4, 1, 0], device=device), torch.tensor([0, 149, 70], device=device)
         for window in (None, 1, 16, 100):  # sliding window: only the last `window` keys
-            a = ops.decode_attention(q, kc, vc, slots, pos, d ** -0.5, ks, vs, window)
-            b = ops.decode_attention_ref(q, kc, vc, slots, pos, d ** -0.5, ks, vs, window)
+            a = ops.decode_attention(q, kp, vp, tables, slots, pos, d ** -0.5, ks, vs, window)
+            b = ops.decode_attention_ref(q, kp, vp, tables, slots, pos, d ** -0.5, ks, vs, window)
+            c = slot_attention(q, kc, vc, slots, pos, d ** -0.5, ks, vs, window)
             assert rel_err(a, b) < (1e-5 if dt == torch.float32 else 1e-2), (dt, d, fp8, window)
-        full = ops.decode_attention_ref(q, kc, vc, slots, pos, d ** -0.5, ks, vs)
-        assert rel_err(ops.decode_attention_ref(q, kc, vc, slots, pos, d ** -0.5, ks, vs, 16), full) > 1e-3
+            assert rel_err(b, c) < (1e-5 if dt == torch.float32 else 1e-2), (dt, d, fp8, window)
+        full = ops.decode_attention_ref(q, kp, vp, tables, slots, pos, d ** -0.5, ks, vs)
+        assert rel_err(ops.decode_attention_ref(q, kp, vp, tables, slots, pos, d ** -0.5, ks, vs, 16), full) > 1e-3
 
 
 @pytest.mark.skipif(not ops.INTERPRET, reason="needs TRITON_INTERPRET=1 before triton loads")

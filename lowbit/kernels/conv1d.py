@@ -6,8 +6,9 @@ a sequence is its last K-1 inputs, oldest first: state[c, j] = x[T - (K-1) + j, 
 
   causal_conv1d(x [B, T, C], weight [C, K], bias [C] | None, activation "silu" | None,
                 initial_state=None) -> (y [B, T, C], final_state [B, C, K-1])
-      a prefill from an empty (zero) history; final_state is in x's dtype, ready to be written to
-      the cache rows of the batch's slots.
+      a prefill from an empty (zero) history, or from `initial_state` [B, C, K-1] (a later chunk of
+      a prompt: the inputs are then the state's K-1 columns followed by x, whose first K-1 outputs
+      are dropped); final_state is in x's dtype, ready to be written to the cache rows of the batch's slots.
   causal_conv1d_update(x [B, C], conv_state, weight, bias, activation, slots=None) -> y [B, C]
       one decode step. conv_state is the layer's whole state cache [S+1, C, K-1] and row b reads and
       updates conv_state[slots[b]] IN PLACE (no gather, no host sync: CUDA-graph safe). With
@@ -71,7 +72,7 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None)
     """transformers' causal_conv1d_fn on [B, T, C], plus the final state (the last K-1 inputs)."""
     _check(x, weight, bias, activation, -1, "causal_conv1d")
     if initial_state is not None:
-        raise NotImplementedError("causal_conv1d: only a prefill from an empty history (initial_state=None)")
+        return _continued(causal_conv1d_ref, x, weight, bias, activation, initial_state)
     b, t, c = x.shape
     k = weight.shape[1]
     xt = x.transpose(1, 2)
@@ -91,6 +92,17 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
     return _act(y, activation).to(x.dtype)
 
 
+def _continued(conv, x, weight, bias, activation, initial_state):
+    """A conv continuing from `initial_state` [B, C, K-1]: the same conv over [state | x] from an
+    empty history, without the outputs of the state's columns."""
+    k = weight.shape[1]
+    if tuple(initial_state.shape) != (x.shape[0], x.shape[2], k - 1):
+        raise ConfigError(f"causal_conv1d: initial_state must be [{x.shape[0]}, {x.shape[2]}, {k - 1}], "
+                          f"got {list(initial_state.shape)}")
+    y, final = conv(torch.cat([initial_state.transpose(1, 2).to(x.dtype), x], dim=1), weight, bias, activation)
+    return y[:, k - 1:], final
+
+
 # ------------------------------------------------------------------ public functions
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None):
     """[B, T, C] -> (y [B, T, C], final_state [B, C, K-1]); see the module docstring."""
@@ -98,7 +110,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None):
         return causal_conv1d_ref(x, weight, bias, activation, initial_state)
     _check(x, weight, bias, activation, -1, "causal_conv1d")
     if initial_state is not None:
-        raise NotImplementedError("causal_conv1d: only a prefill from an empty history (initial_state=None)")
+        return _continued(causal_conv1d, x, weight, bias, activation, initial_state)
     b, t, c = x.shape
     k = weight.shape[1]
     x = x if x.stride(-1) == 1 else x.contiguous()

@@ -1,5 +1,9 @@
 """Fused decoder kernels: RMSNorm (with the residual add; plain or (1 + w) weights), SiLU-and-mul,
-rotary + KV-cache store, and decode attention over the slot cache (full or sliding-window).
+rotary + KV-cache store, and decode attention over the paged KV cache (full or sliding-window).
+
+The KV cache of a layer is a pool of fixed-size blocks [num_blocks, block_size, Hkv, D]; a sequence
+owns a row of the block table [slots, max_blocks], and its position p lives in pool row
+`block_tables[slot, p // block_size] * block_size + p % block_size` (`cache_rows`).
 
 A decode step of an 8B model is ~4 ms of weight reads in bf16 and ~1 ms in 4 bits; the eager
 PyTorch spelling of these ops is ~40 small kernels per layer, which alone would cost more than
@@ -77,14 +81,22 @@ def dequantize_kv(x, scale, dtype):
     return (x.float() * scale).to(dtype)
 
 
-def decode_attention_ref(q, k_cache, v_cache, slots, positions, scale, k_scale=None, v_scale=None, window=None):
-    """q [B, H, D]; caches [S, L, Hkv, D]; each row b attends to keys [0, positions[b]] of slots[b]
-    (with a sliding window w: keys (positions[b] - w, positions[b]])."""
+def cache_rows(block_tables, slots, positions, block_size: int):
+    """Flat pool rows of positions [B, T] of sequences in `slots` [B] (through their block tables)."""
+    return block_tables[slots[:, None], positions // block_size].long() * block_size + positions % block_size
+
+
+def decode_attention_ref(q, k_cache, v_cache, block_tables, slots, positions, scale, k_scale=None, v_scale=None,
+                         window=None):
+    """q [B, H, D]; block pools [NB, BS, Hkv, D]; each row b attends to keys [0, positions[b]] of the
+    sequence in slots[b] (with a sliding window w: keys (positions[b] - w, positions[b]])."""
     length = int(positions.max()) + 1
-    k, v = k_cache[slots, :length], v_cache[slots, :length]
+    keys = torch.arange(length, device=q.device)[None, :]
+    bs = k_cache.shape[1]
+    rows = cache_rows(block_tables, slots, keys.expand(len(slots), length), bs)
+    k, v = k_cache.flatten(0, 1)[rows], v_cache.flatten(0, 1)[rows]
     if k_scale is not None:
         k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
-    keys = torch.arange(length, device=q.device)[None, :]
     mask = keys <= positions[:, None]
     if window is not None:
         mask &= keys > positions[:, None] - window
@@ -122,49 +134,53 @@ def silu_mul(x):
     return out.view(*x.shape[:-1], i)
 
 
-def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, slots, positions, k_scale=None, v_scale=None):
-    """Rotate q and k, write k and v into the cache rows (slots[b], positions[b, t]).
+def rope_and_store(q, k, v, cos, sin, k_cache, v_cache, rows, k_scale=None, v_scale=None):
+    """Rotate q and k, write k and v into the flat cache rows `rows` [B, T] (`cache_rows`).
 
     q [B, T, H, D], k/v [B, T, Hkv, D] (views into the qkv output are fine: last dim contiguous);
-    cos/sin [B, T, d]; caches [S, L, Hkv, D], FP8 when k_scale is given. Returns rotated (q, k).
+    cos/sin [B, T, d]; caches [P, Hkv, D] (a block pool flattened), FP8 when k_scale is given.
+    Returns rotated (q, k).
     """
     if not use_triton(q):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        rows = slots[:, None].expand_as(positions)
         if k_scale is not None:
-            k_cache[rows, positions], v_cache[rows, positions] = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
+            k_cache[rows], v_cache[rows] = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
         else:
-            k_cache[rows, positions], v_cache[rows, positions] = k, v
+            k_cache[rows], v_cache[rows] = k, v
         return q, k
     b, t, h, d = q.shape
     hkv = k.shape[2]
     half = cos.shape[-1] // 2
     qo, ko = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    cos, sin, positions = cos.contiguous(), sin.contiguous(), positions.contiguous()
+    cos, sin, rows = cos.contiguous(), sin.contiguous(), rows.contiguous()
     fp8 = k_scale is not None
     _rope_store_kernel[(b * t, h + hkv)](
-        q, k, v, cos, sin, qo, ko, k_cache, v_cache, slots, positions,
+        q, k, v, cos, sin, qo, ko, k_cache, v_cache, rows,
         k_scale if fp8 else cos, v_scale if fp8 else cos,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2], *qo.stride()[:3], *ko.stride()[:3],
-        *k_cache.stride()[:3], t,
+        *k_cache.stride()[:2], t,
         H=h, HALF=half, HALF_PAD=_pow2(half), REST=d - 2 * half, REST_PAD=_pow2(max(1, d - 2 * half)), FP8=fp8,
         num_warps=1)
     return qo, ko
 
 
-def decode_attention(q, k_cache, v_cache, slots, positions, scale, k_scale=None, v_scale=None, window=None):
-    """One query token per row: q [B, H, D] -> [B, H, D], over keys [0, positions[b]] of slot slots[b]
-    (only the last `window` of them for sliding-window attention)."""
+def decode_attention(q, k_cache, v_cache, block_tables, slots, positions, scale, k_scale=None, v_scale=None,
+                     window=None):
+    """One query token per row: q [B, H, D] -> [B, H, D], over keys [0, positions[b]] of the sequence
+    in slots[b], read through its block-table row (only the last `window` keys for sliding-window
+    attention). Pools [NB, BS, Hkv, D] (contiguous); block_tables [S, max_blocks] int32."""
     if not use_triton(q):
-        return decode_attention_ref(q, k_cache, v_cache, slots, positions, scale, k_scale, v_scale, window)
+        return decode_attention_ref(q, k_cache, v_cache, block_tables, slots, positions, scale, k_scale, v_scale,
+                                    window)
     b, h, d = q.shape
-    hkv = k_cache.shape[2]
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
     g = h // hkv
     out = torch.empty_like(q)
     fp8 = k_scale is not None
     _decode_attention_kernel[(b, hkv)](
-        q, k_cache, v_cache, out, slots, positions, k_scale if fp8 else q, v_scale if fp8 else q,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], out.stride(0), out.stride(1), scale,
+        q, k_cache, v_cache, out, block_tables, slots, positions, k_scale if fp8 else q, v_scale if fp8 else q,
+        q.stride(0), q.stride(1), block_tables.stride(0), bs, k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), scale,
         window if window is not None else 0, G=g, G_PAD=max(16, _pow2(g)), D=d, D_PAD=max(16, _pow2(d)), BLOCK_N=64, FP8=fp8, num_warps=4)
     return out
 
@@ -257,9 +273,9 @@ if triton is not None:
                 tl.store(row_ptr + 2 * HALF + j, r.to(row_ptr.dtype.element_ty), mask=j < REST)
 
     @triton.jit
-    def _rope_store_kernel(Q, K, V, COS, SIN, QO, KO, KC, VC, SLOTS, POS, KS, VS,
+    def _rope_store_kernel(Q, K, V, COS, SIN, QO, KO, KC, VC, ROWS, KS, VS,
                            sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, scb, sct, sqob, sqot, sqoh,
-                           skob, skot, skoh, scs, scn, sch, T,
+                           skob, skot, skoh, scn, sch, T,
                            H: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, REST: tl.constexpr,
                            REST_PAD: tl.constexpr, FP8: tl.constexpr):
         tok = tl.program_id(0)
@@ -277,9 +293,8 @@ if triton is not None:
             src = K + b * skb + t * skt + kh * skh
             o1, o2 = _rotate(src, cos_row, sin_row, KO + b * skob + t * skot + kh * skoh,
                              HALF, HALF_PAD, REST, REST_PAD, dtype)
-            slot = tl.load(SLOTS + b)
-            pos = tl.load(POS + b * T + t)
-            row = slot * scs + pos * scn + kh * sch
+            pos = tl.load(ROWS + b * T + t)
+            row = pos * scn + kh * sch
             _store_cache(KC + row, o1, o2, src, KS, HALF, HALF_PAD, REST, REST_PAD, FP8)
             # v is not rotated: copy it as two "halves" plus the rest
             vsrc = V + b * svb + t * svt + kh * svh
@@ -289,11 +304,11 @@ if triton is not None:
             _store_cache(VC + row, v1, v2, vsrc, VS, HALF, HALF_PAD, REST, REST_PAD, FP8)
 
     @triton.jit
-    def _decode_attention_kernel(Q, KC, VC, OUT, SLOTS, POS, KS, VS, sqb, sqh, scs, scn, sch, sob, soh, scale,
-                                 window, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, FP8: tl.constexpr):
+    def _decode_attention_kernel(Q, KC, VC, OUT, BT, SLOTS, POS, KS, VS, sqb, sqh, sbt, bs, scn, sch, sob, soh,
+                                 scale, window, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                                 D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
         """One program per (sequence, KV head): its G query heads against keys [0, pos] (online softmax);
-        window > 0: only keys (pos - window, pos]."""
+        window > 0: only keys (pos - window, pos]. Key n lives in pool row BT[slot, n // bs] * bs + n % bs."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         dtype = OUT.dtype.element_ty
@@ -307,14 +322,16 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-        base = slot * scs + h * sch
+        base = h * sch
+        table = BT + slot * sbt
         first = length * 0  # same type as length (int64)
         if window > 0:
             first = tl.maximum(length - window, 0)
         for start in range((first // BLOCK_N) * BLOCK_N, length, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             nm = (n < length) & (n >= first)
-            offs = base + n[:, None] * scn + d[None, :]
+            blk = tl.load(table + n // bs, mask=nm, other=0).to(tl.int64)
+            offs = base + (blk * bs + n % bs)[:, None] * scn + d[None, :]
             k = tl.load(KC + offs, mask=nm[:, None] & dm[None, :], other=0.0)
             v = tl.load(VC + offs, mask=nm[:, None] & dm[None, :], other=0.0)
             if FP8:

@@ -5,8 +5,10 @@ window, an output gate (Qwen3.5: q_proj holds [query | gate] per head, the outpu
 sigmoid(gate) before o_proj), FP8 KV-cache scales (set by the loader through `kv_scales`).
 
 q/k/v run as one `qkv_proj` (whatever the on-disk layout). With `ctx is None` it is a cache-less
-causal forward from position 0; otherwise keys and values go into `ctx.cache(layer_idx)` at the
-rows' slots, prefill attends over the new tokens, decode over the slot's cached keys.
+causal forward from position 0; otherwise keys and values go into the layer's block pool
+`ctx.cache(layer_idx)` at `ctx.rows`; a fresh prefill attends over the new tokens, a continued one
+(a later chunk, or after a cached prefix) over the sequence's cached keys through its block table,
+decode over the cached keys with the paged decode kernel.
 """
 from __future__ import annotations
 
@@ -64,11 +66,14 @@ class Attention(nn.Module):
         else:
             cache = ctx.cache(self.layer_idx)
             kc, vc = cache["k"], cache["v"]
-            q, k = decoder.rope_and_store(q, k, v, cos, sin, kc, vc, ctx.slots, ctx.positions, self.k_scale,
-                                          self.v_scale)
+            q, k = decoder.rope_and_store(q, k, v, cos, sin, kc.flatten(0, 1), vc.flatten(0, 1), ctx.rows,
+                                          self.k_scale, self.v_scale)
         if ctx is not None and ctx.decode:
-            out = decoder.decode_attention(q[:, 0], kc, vc, ctx.slots, ctx.positions[:, 0], self.scaling,
-                                           self.k_scale, self.v_scale, self.sliding_window)
+            out = decoder.decode_attention(q[:, 0], kc, vc, ctx.block_tables, ctx.slots, ctx.positions[:, 0],
+                                           self.scaling, self.k_scale, self.v_scale, self.sliding_window)
+        elif ctx is not None and not ctx.fresh:  # a chunk after cached positions: read them through the table
+            out = cached_prefix_attention(q, kc, vc, ctx, self.scaling, self.k_scale, self.v_scale,
+                                          self.sliding_window)
         else:  # a whole sequence from position 0: causal attention over the new tokens
             if self.k_scale is not None:  # what the FP8 cache holds
                 k = fake_quant_fp8_activation(k, self.k_scale)
@@ -79,6 +84,30 @@ class Attention(nn.Module):
             out = out * torch.sigmoid(gate)
         out = self.o_proj(out)
         return parallel.all_reduce(out) if self.tp_size > 1 else out
+
+
+def cached_prefix_attention(q, k_pool, v_pool, ctx: ForwardContext, scale, k_scale=None, v_scale=None,
+                            window: int | None = None):
+    """Queries q [B, T, H, D] at ctx.positions (already stored with their keys) against every cached
+    key of their sequence up to their own position -> [B, T, H, D]. Keys are gathered through the
+    block tables (a prefill step, not graph-captured: the gathered length may vary)."""
+    length = int(ctx.positions.max()) + 1
+    keys = torch.arange(length, device=q.device)
+    rows = decoder.cache_rows(ctx.block_tables, ctx.slots, keys[None].expand(q.shape[0], length), k_pool.shape[1])
+    k, v = k_pool.flatten(0, 1)[rows], v_pool.flatten(0, 1)[rows]
+    if k_scale is not None:
+        k, v = decoder.dequantize_kv(k, k_scale, q.dtype), decoder.dequantize_kv(v, v_scale, q.dtype)
+    pos = ctx.positions[:, :, None]  # [B, T, 1]
+    mask = keys[None, None, :] <= pos
+    if window is not None:
+        mask &= keys[None, None, :] > pos - window
+    qt, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = qt.shape[1] != k.shape[1]
+    if gqa and q.is_cuda:
+        rep = qt.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    out = F.scaled_dot_product_attention(qt, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
 
 
 def causal_attention(q, k, v, scale, window: int | None = None):

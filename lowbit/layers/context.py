@@ -6,7 +6,8 @@ for its own cache by layer index. `ctx is None` means a cache-less causal forwar
 
 Cache kinds (what a layer declares through `cache_spec`, what the engine allocates per slot):
   kv      : {"k": [Hkv, D], "v": [Hkv, D]} per position, in the compute dtype (float8_e4m3fn for an
-            FP8 cache); the engine adds the length: [num_slots + 1, max_len, Hkv, D]
+            FP8 cache); the engine keeps them in a pool of blocks [num_blocks + 1, block_size, Hkv, D]
+            that sequences reach through their block tables (lowbit/caches.py)
   state   : named per-slot tensors of a recurrent layer, e.g. {"conv": [C, K-1], "ssm": [H, dk, dv]}
 
 Every per-slot tensor is allocated as [num_slots + 1, *shape]: row `num_slots` is the pad slot that
@@ -34,16 +35,25 @@ class ForwardContext:
 
     slots     [B] int64: row b of the batch lives in cache slot slots[b].
     positions [B, T] int64: absolute position of every token.
-    decode    False: a prefill of fresh sequences (every row starts at position 0 from an empty
-              cache/zero state, and leaves its cache/final state in its slot);
+    decode    False: a prefill (T tokens per row, leaving the row's cache/final state in its slot);
               True: one new token per row (T == 1), reading and updating the slot's cache/state.
-    caches    layer index -> {name: tensor [num_slots + 1, *shape]} as declared by the layer's CacheSpec.
+    fresh     prefill only. True: every row starts at position 0 from an empty cache/zero state;
+              False: rows continue their sequence (a later chunk of a prompt, or after a cached
+              prefix): attention reads the cached keys before the chunk, recurrent layers start
+              from the slot's state.
+    caches    layer index -> {name: tensor} as declared by the layer's CacheSpec: KV block pools
+              [num_blocks + 1, block_size, *shape], states [num_slots + 1, *shape].
+    block_tables [num_slots + 1, max_blocks] int32: the KV blocks of each slot's sequence.
+    rows      [B, T] int64: the flat pool row of every token's key/value (`decoder.cache_rows`).
     """
 
     slots: torch.Tensor
     positions: torch.Tensor
     decode: bool
     caches: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    fresh: bool = True
+    block_tables: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def cache(self, layer_idx: int) -> dict[str, torch.Tensor]:
         return self.caches[layer_idx]

@@ -15,8 +15,9 @@ NaN-poisoned; the loader fills them (`shard_param` says what slice a rank keeps)
 
 Cache (`cache_spec`; `state_spec` from a config): per slot a conv tail "conv" [C, K-1] (the last K-1
 conv inputs, compute dtype)
-and the recurrent state "ssm" [H_v, d_k, d_v] in fp32. Prefill rows start from an empty history and
-leave both in their slot; a decode step (T == 1) reads and updates them in place (CUDA-graph safe).
+and the recurrent state "ssm" [H_v, d_k, d_v] in fp32. Prefill rows start from an empty history (or,
+for a later chunk of a prompt, `ctx.fresh` False, from their slot's) and leave both in their slot;
+a decode step (T == 1) reads and updates them in place (CUDA-graph safe).
 
 Tensor parallelism (tp_size ranks): heads are split, H_k / tp key heads and H_v / tp value heads per
 rank (both must divide; value head h reads key head h // (H_v / H_k), so contiguous splits keep each
@@ -192,7 +193,8 @@ class GatedDeltaNet(nn.Module):
         if decode:
             qkv = causal_conv1d_update(qkv[:, 0], cache["conv"], weight, None, "silu", ctx.slots)[:, None]
         else:
-            qkv, tail = causal_conv1d(qkv, weight, None, "silu")
+            cont = cache is not None and not ctx.fresh  # a later chunk: continue from the slot's state
+            qkv, tail = causal_conv1d(qkv, weight, None, "silu", cache["conv"][ctx.slots] if cont else None)
             if cache is not None:
                 cache["conv"][ctx.slots] = tail.to(cache["conv"].dtype)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -204,7 +206,7 @@ class GatedDeltaNet(nn.Module):
                                         cache["ssm"], ctx.slots)[:, None]
         else:
             g, beta = gates(a, b, self.A_log, self.dt_bias)
-            o, state = chunk_gated_delta_rule(q, k, v, g, beta)
+            o, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=cache["ssm"][ctx.slots] if cont else None)
             if cache is not None:
                 cache["ssm"][ctx.slots] = state
         o = self.norm(o, z).reshape(bsz, t, self.value_dim)

@@ -9,7 +9,8 @@
 
 Per-slot cache (`cache_spec`): "conv" [C, K-1] the last K-1 conv inputs (compute dtype), "ssm"
 [H, P, N] the SSM state (`mamba_ssm_cache_dtype`, float32 by default). A prefill starts every row
-from zero state and leaves both in its slot; a decode step reads and updates them in place.
+from zero state (a later chunk of a prompt, `ctx.fresh` False: from its slot's) and leaves both in
+its slot; a decode step reads and updates them in place.
 
 Tensor parallelism: heads are split across ranks in whole groups (n_groups % tp == 0), so every rank
 keeps the B/C groups its heads read. Rank r of tp holds heads [r H/tp, (r+1) H/tp), which are
@@ -250,14 +251,15 @@ class Mamba2Mixer(nn.Module):
             y = ssd_step(cache["ssm"], ctx.slots, xs.view(b, h, p), dt[:, 0], self.A_log, bm.view(b, g, n),
                          cm.view(b, g, n), self.D, self.dt_bias, lim, out_dtype=torch.float32)
         else:
-            xbc, conv_tail = causal_conv1d(xbc, w, self.conv1d.bias, "silu")
+            cont = cache is not None and not ctx.fresh  # a later chunk: continue from the slot's state
+            xbc, conv_tail = causal_conv1d(xbc, w, self.conv1d.bias, "silu", cache["conv"][ctx.slots] if cont else None)
             xbc = xbc.contiguous()  # the scan reads x/B/C as views with unit last stride
             if cache is not None:
                 cache["conv"][ctx.slots] = conv_tail.to(cache["conv"].dtype)
             xs, bm, cm = xbc.split([i, g * n, g * n], dim=-1)
             y = ssd_scan(xs.view(b, t, h, p), dt, self.A_log, bm.view(b, t, g, n), cm.view(b, t, g, n), self.D,
                          self.dt_bias, lim, state=None if cache is None else cache["ssm"],
-                         slots=None if ctx is None else ctx.slots, out_dtype=torch.float32)
+                         slots=None if ctx is None else ctx.slots, load_state=cont, out_dtype=torch.float32)
         # y stays fp32 into the norm, as in transformers' chunked path
         y = gated_rms_norm(y.reshape(b, t, i), z, self.norm.weight, self.group_size, self.cfg.norm_eps, x.dtype)
         out = self.out_proj(y)
