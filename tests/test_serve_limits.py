@@ -184,9 +184,11 @@ def test_tokenizing_runs_off_the_event_loop(limited, client, monkeypatch):
                 http.post(url + "/v1/completions", json={"prompt": "slow to tokenize", "max_tokens": 2})),
                 monkeypatch, service)
         assert answers[0].status_code == 200
-        if on_schedule(*gaps) or not tries_left:
+        if gaps[0] < 0.75 or not tries_left:
             break
-    assert on_schedule(*gaps), gaps
+    # tokenizing on the event loop would hold every stream for the whole 1.5 s; a gap well under that
+    # (not a latency target: the 2 cores are shared with the sender) shows it ran elsewhere
+    assert gaps[0] < 0.75, gaps
 
 
 # ---------------------------------------------------------------- queue and timeout

@@ -28,7 +28,10 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.waiting = Gauge("lowbit_num_requests_waiting", "Sequences waiting for a KV-cache slot", registry=r)
         self.running = Gauge("lowbit_num_requests_running", "Sequences holding a KV-cache slot", registry=r)
-        self.cache_usage = Gauge("lowbit_kv_cache_usage_ratio", "Fraction of KV-cache slots in use", registry=r)
+        self.cache_usage = Gauge("lowbit_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
+        self.prefix = Gauge("lowbit_prefix_cache", "Prefix-cache counters since start (queries: prompts looked "
+                            "up; query_blocks / hit_blocks: full blocks looked up / found; hit_tokens)", ["counter"],
+                            registry=r)
         Gauge("lowbit_model_info", "The served model", ["model_name"], registry=r).labels(model_name).set(1)
 
     def token(self, seconds: float, first: bool) -> None:
@@ -38,7 +41,15 @@ class Metrics:
     def scheduler(self, waiting: int, running: int, engine) -> None:
         self.waiting.set(waiting)
         self.running.set(running)
-        self.cache_usage.set(1 - engine.free_slots / engine.num_slots)
+        blocks = getattr(engine, "blocks", None)  # the paged engine's block manager
+        if blocks is not None and blocks.num_blocks:
+            self.cache_usage.set(1 - blocks.free_blocks / blocks.num_blocks)
+            stats = engine.prefix_cache_stats()
+            for key in ("queries", "query_blocks", "hit_blocks", "hit_tokens"):
+                if key in stats:
+                    self.prefix.labels(key).set(stats[key])
+        else:
+            self.cache_usage.set(1 - engine.free_slots / engine.num_slots)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
