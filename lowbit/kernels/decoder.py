@@ -89,21 +89,25 @@ def cache_rows(block_tables, slots, positions, block_size: int):
 def decode_attention_ref(q, k_cache, v_cache, block_tables, slots, positions, scale, k_scale=None, v_scale=None,
                          window=None):
     """q [B, H, D]; block pools [NB, BS, Hkv, D]; each row b attends to keys [0, positions[b]] of the
-    sequence in slots[b] (with a sliding window w: keys (positions[b] - w, positions[b]])."""
-    length = int(positions.max()) + 1
-    keys = torch.arange(length, device=q.device)[None, :]
+    sequence in slots[b] (with a sliding window w: keys (positions[b] - w, positions[b]]).
+
+    Row by row, over exactly that row's keys: padding rows to the batch's longest length and masking
+    gives another bf16 result for the same row, so a sequence's tokens would depend on what else is in
+    the batch (the Triton kernel also walks each row's own keys)."""
     bs = k_cache.shape[1]
-    rows = cache_rows(block_tables, slots, keys.expand(len(slots), length), bs)
-    k, v = k_cache.flatten(0, 1)[rows], v_cache.flatten(0, 1)[rows]
-    if k_scale is not None:
-        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
-    mask = keys <= positions[:, None]
-    if window is not None:
-        mask &= keys > positions[:, None] - window
-    out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None, None, :], scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[2])
-    return out[:, :, 0]
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        pos = int(positions[b])
+        first = max(0, pos - window + 1) if window is not None else 0
+        keys = torch.arange(first, pos + 1, device=q.device)[None, :]
+        rows = cache_rows(block_tables, slots[b:b + 1], keys, bs)[0]
+        k, v = k_cache.flatten(0, 1)[rows], v_cache.flatten(0, 1)[rows]
+        if k_scale is not None:
+            k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
+        o = F.scaled_dot_product_attention(q[b, :, None], k.transpose(0, 1), v.transpose(0, 1), scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        out[b] = o[:, 0]
+    return out
 
 
 # ------------------------------------------------------------------ public ops
