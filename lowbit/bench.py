@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .layers.moe import MoEBlock
 from .progress import step
 
 
@@ -202,14 +203,9 @@ def step_weight_bytes(model, batch: int = 1) -> int:
     net = model.net
     experts: dict[int, float] = {}  # id(parameter) -> share of its bytes read
     for m in net.modules():
-        stacks = getattr(getattr(m, "experts", None), "first", None), getattr(getattr(m, "experts", None), "down", None)
-        routing = getattr(m, "routing", None)
-        if routing is None or stacks[0] is None:
-            continue
-        e = m.experts.num_experts
-        share = 1 - (1 - routing.top_k / e) ** batch
-        for stack in stacks:
-            for p in stack.parameters():
+        if isinstance(m, MoEBlock):
+            share = 1 - (1 - m.routing.top_k / m.experts.num_experts) ** batch
+            for p in m.experts.parameters():
                 experts[id(p)] = share
     total = 0.0
     for name, p in net.named_parameters():

@@ -70,9 +70,7 @@ class ExpertTarget:
     def expected(self) -> dict[str, TensorSpec]:
         if self.expert is None:
             return self.stack.fused_disk_tensors()
-        s = self.stack.spec
-        rows, cols = (s.hidden, s.intermediate) if s.kind == "down" else (s.intermediate, s.hidden)
-        return self.stack.disk_tensors(rows, cols)
+        return self.stack.disk_tensors(*self.stack.spec.shard_shape)
 
     def label(self) -> str:
         return self.stack.scheme.label()
@@ -204,7 +202,8 @@ def load_model(ckpt: Checkpoint, plan: QuantPlan, device, dtype, options: RunOpt
             violations.append(f"{mod_name}: stored both fused and split on disk; only one layout may be present")
 
     # embeddings, norms, q/k norms
-    fam, shapes = family(cfg), family(cfg).expected_params(cfg)
+    fam = family(cfg)
+    shapes = fam.expected_params(cfg)
     for canon, tname in plan.params.items():
         p = plain.get(canon)
         info = ckpt.tensors[tname]

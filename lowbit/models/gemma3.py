@@ -20,7 +20,7 @@ from ..layers.mlp import GatedMLP, check_activation
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from . import register
-from .base import DecoderModel, Family, norm_params
+from .base import DecoderModel, Family, norm_params, refuse
 from .slots import attention_slots, gated_mlp_slots, lm_head_slot
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -69,7 +69,7 @@ class Gemma3Family(Family):
         for key, why in (("attn_logit_softcapping", "attention-logit softcapping is not implemented"),
                          ("use_bidirectional_attention", "lowbit runs causal language models")):
             if text.get(key):
-                raise ConfigError(f"{where}: {key}={text[key]!r} is not supported ({why})")
+                raise refuse(where, key, text[key], why)
         f["hidden_act"] = check_activation(text.get("hidden_activation", text.get("hidden_act", "gelu_pytorch_tanh")),
                                            where)
         n = f["num_layers"]

@@ -82,6 +82,11 @@ class ExpertSpec:
     def shard_names(self) -> tuple[str, ...]:
         return KINDS[self.kind][0]
 
+    @property
+    def shard_shape(self) -> tuple[int, int]:
+        """[rows, cols] of one on-disk shard of one expert (gate_proj / up_proj [I, H], down_proj [H, I])."""
+        return (self.hidden, self.intermediate) if self.kind == "down" else (self.intermediate, self.hidden)
+
     def linear_spec(self) -> LinearSpec:
         """The 2-D spec of one expert (what the scheme unit sees)."""
         shards, parallel = KINDS[self.kind]
@@ -135,9 +140,8 @@ class ExpertLinear(nn.Module):
         if self.scheme.quantized:
             raise ConfigError(f"{s.name}: a fused {FUSED_NAMES[s.kind]} tensor holds unquantized weights, but the "
                               f"experts are {self.scheme.label()}")
-        rows = s.intermediate * len(s.shard_names) if s.kind != "down" else s.hidden
-        cols = s.hidden if s.kind != "down" else s.intermediate
-        return {"weight": TensorSpec(FLOAT, (s.num_experts, rows, cols))}
+        rows, cols = s.shard_shape
+        return {"weight": TensorSpec(FLOAT, (s.num_experts, rows * len(s.shard_names), cols))}
 
     def load(self, role: str, tensor: torch.Tensor, expert: int | None, shard: int | None) -> str | None:
         """Write one on-disk tensor (see the module docstring). Notes are gathered for finalize."""
