@@ -350,8 +350,16 @@ def test_two_nccl_ranks_hybrid(kind):
     prompts = [torch.randint(3, 500, (n,)).tolist() for n in (4, 21)]
     tp2 = parallel.launch(2, _run_gpu, schemes, seed, ids, prompts, kind, backend="nccl", timeout=240)
     ref = _run_gpu(schemes, seed, ids, prompts, kind)
+    # bf16 rounding of this tiny random hybrid, measured on the same weights computed in fp32: the
+    # recurrent layers carry rounding along the sequence, and the all-reduce's per-rank rounding
+    # (see W8A8_BF16_BOUND) moved the bf16 logits by 2.2-2.3e-2 on 2 H200s. TP may round about as much
+    # as the bf16 model itself does, no more.
+    model, overrides = HYBRID[kind]
+    fp32 = synthetic.build(model, "bf16", lm_head_quant=True, seed=seed, overrides=overrides, dtype=torch.float32)
+    floor = rel_err(ref["bf16"], fp32.logits(ids).float().cpu())
     for s in schemes:
-        assert rel_err(tp2[0][s], ref[s]) < 2e-2, s
+        err, bound = rel_err(tp2[0][s], ref[s]), max(2e-2, 1.5 * floor)
+        assert err < bound, (s, err, bound, floor)
         eager, graphs = tp2[0][s, "graphs"]
         assert tp2[0][s, "captured"][0], tp2[0][s, "captured"][1]
         assert eager == graphs, s
