@@ -52,6 +52,11 @@ CONFIGS = {
                         linear_conv_kernel_dim=4, partial_rotary_factor=0.25, max_position_embeddings=262144,
                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                         rope_parameters={"rope_theta": 10000000.0, "rope_type": "default"}),
+    # Qwen3.5-27B's sizes as an attention-only Llama (every layer full attention, plain MLP): the
+    # baseline its prefill is measured against
+    "llama-27b": _LLAMA3 | dict(vocab_size=248320, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64,
+                                num_attention_heads=24, num_key_value_heads=4, head_dim=256,
+                                max_position_embeddings=262144),
     # Qwen3.5-35B-A3B: 40 layers of 256 experts (top 8, intermediate 512) + a shared expert
     "qwen3.5-35b-a3b": dict(architectures=["Qwen3_5MoeForCausalLM"], model_type="qwen3_5_moe_text",
                             vocab_size=248320, hidden_size=2048, num_hidden_layers=40, num_attention_heads=16,
