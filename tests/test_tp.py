@@ -296,7 +296,7 @@ def _run_gpu(schemes, seed, ids, prompts, kind=None):
     """Per scheme: logits, and greedy tokens without and with CUDA graphs (NCCL inside the graphs).
     kind: a HYBRID model instead of the Llama "small"."""
     out = {}
-    model, overrides = HYBRID[kind] if kind else ("small", None)
+    model, overrides = SYNTHETIC_MODELS[kind] if kind else ("small", None)
     for s in schemes:
         m = synthetic.build(model, s, lm_head_quant=True, seed=seed, overrides=overrides)
         out[s] = m.logits(ids).float().cpu()
@@ -339,11 +339,12 @@ def test_two_nccl_ranks():
 
 @requires_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("kind", ["qwen3.5-dense", "nemotron-h-dense"])
+@pytest.mark.parametrize("kind", ["qwen3.5-dense", "nemotron-h-dense", "synthetic-moe", "qwen3.5-moe",
+                                  "nemotron-h-moe"])
 def test_two_nccl_ranks_hybrid(kind):
-    """A hybrid model on 2 GPUs (Gated DeltaNet / Mamba2 state caches, their kernels, NCCL inside
-    the decode graphs): logits agree with tp=1 to bf16 rounding; greedy tokens with graphs equal
-    those without."""
+    """A hybrid or MoE model on 2 GPUs (Gated DeltaNet / Mamba2 state caches, experts sharded on
+    their intermediate dimension, their kernels, NCCL inside the decode graphs): logits agree with
+    tp=1 to bf16 rounding; greedy tokens with graphs equal those without."""
     schemes = ["bf16", "nvfp4"]
     seed = random.randrange(2**31)
     ids = torch.randint(3, 500, (2, 19))
@@ -354,7 +355,7 @@ def test_two_nccl_ranks_hybrid(kind):
     # recurrent layers carry rounding along the sequence, and the all-reduce's per-rank rounding
     # (see W8A8_BF16_BOUND) moved the bf16 logits by 2.2-2.3e-2 on 2 H200s. TP may round about as much
     # as the bf16 model itself does, no more.
-    model, overrides = HYBRID[kind]
+    model, overrides = SYNTHETIC_MODELS[kind]
     fp32 = synthetic.build(model, "bf16", lm_head_quant=True, seed=seed, overrides=overrides, dtype=torch.float32)
     floor = rel_err(ref["bf16"], fp32.logits(ids).float().cpu())
     for s in schemes:
