@@ -235,3 +235,18 @@ def test_bench_reports_acceptance_and_speedup(monkeypatch, capsys):
     assert "lm_head[perm(t)] = embed[t]" in r["construction"]
     assert main(["bench", "--synthetic", "tiny", "--mtp-agree", "--device", "cpu"]) == 2
     assert "--mtp-agree" in capsys.readouterr().err
+
+
+def test_inspect_reports_the_head_as_used_with_speculation(tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.inspect import report
+
+    write_mtp_checkpoint(tmp_path, "qwen3_5-moe")
+    off = report(tmp_path)
+    assert off["skipped"]["mtp.fc.weight"] == MTP_REASON
+    on = report(tmp_path, speculative="mtp")
+    assert on["loadable"] and not [n for n in on["skipped"] if n.startswith("mtp.")]
+    names = {e["name"] for e in on["layers"]}
+    assert {"mtp.fc", "mtp.layers.0.self_attn.q_proj", "mtp.layers.0.mlp.shared_expert.down_proj"} <= names
+    assert main(["inspect", str(tmp_path), "--speculative", "mtp"]) == 0
+    assert "mtp.fc" in capsys.readouterr().out
