@@ -25,8 +25,9 @@ and the token t_{i+1} that follows i, and predicts t_{i+2}. Per sequence (`MTPSp
             plain decoding, so the numerics match it step for step.
 
 Sampling (temperature > 0) is refused: it needs rejection sampling against the draft distribution,
-which is not implemented. Steps run eager (no CUDA graphs) at any batch size; `stats` counts drafted
-and accepted tokens (the acceptance rate).
+which is not implemented. A step is pure device work over a slot list (captured in a CUDA graph per
+batch-size bucket on CUDA, like the engine's decode steps); `stats` counts drafted and accepted
+tokens (the acceptance rate).
 """
 from __future__ import annotations
 
@@ -59,14 +60,25 @@ def check_greedy(params) -> None:
 
 
 class MTPSpeculator:
-    """Drafts with the MTP head and verifies on an Engine (lowbit/engine.py) whose model has one."""
+    """Drafts with the MTP head and verifies on an Engine (lowbit/engine.py) whose model has one.
 
-    def __init__(self, engine, num_tokens: int):
+    Per slot, on the device: `pending` [num_slots + 1, k + 1] (the token the next step feeds, then its
+    k drafts) and `length` (positions in the caches), so a step needs only the slot list from the host:
+    `_device_step` is pure device work, and on CUDA each batch-size bucket of it is captured once in a
+    CUDA graph (as the engine's decode steps are; eager if capture fails, with a note). The host reads
+    the greedy tokens and accept counts back once per step."""
+
+    def __init__(self, engine, num_tokens: int, cuda_graphs: bool | None = None):
         self.engine, self.net, self.k = engine, engine.net, num_tokens
         if getattr(self.net, "mtp", None) is None:
             raise LowbitError("--speculative mtp: this model was loaded without its MTP head; load it with "
                               "speculative='mtp' (lowbit.load / --speculative mtp)")
-        self.pending: dict[int, torch.Tensor] = {}  # slot -> [k + 1]: the next token, then its k drafts
+        n, dev = engine.num_slots + 1, engine.device
+        self.pending = torch.zeros(n, num_tokens + 1, dtype=torch.long, device=dev)
+        self.length = torch.zeros(n, dtype=torch.long, device=dev)
+        self.cuda_graphs = engine.cuda_graphs if cuda_graphs is None else cuda_graphs and dev.type == "cuda"
+        self._graphs: dict[int, tuple] = {}
+        self._pool = None
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0}
 
     @property
@@ -88,65 +100,102 @@ class MTPSpeculator:
         e._prompt.pop(slot, None)
         first = self._greedy(hidden[:, -1])  # [1]
         n = len(ids)
+        e._grow([slot], [n + self.room()])
         sid = e._to_device([slot])
         pos = torch.arange(n, device=e.device)[None]
         nxt = torch.cat([e._to_device(ids[1:]), first])[None]
         mh = self.net.mtp_forward(nxt, hidden, pos, e._context(sid, pos, decode=False, fresh=True))
-        self._draft(sid, [slot], first, mh[:, -1], [n])
+        self.length[slot] = n
+        self._draft(sid, first, mh[:, -1], self.length[sid])
         return int(first)
 
     @torch.inference_mode()
     def step(self, slots: list[int]) -> list[list[int]]:
         """One verify forward for every slot; returns each slot's new tokens (1 to k + 1)."""
         e, k, b = self.engine, self.k, len(slots)
-        start = [e.lengths[s] for s in slots]
-        for s, n in zip(slots, start):
-            if n + self.room() > e.max_len:
+        for s in slots:
+            if e.lengths[s] + self.room() > e.max_len:
                 raise LowbitError(f"slot {s} reached the KV-cache length {e.max_len} (speculation needs "
                                   f"{self.room()} positions of room)")
-        e._grow(slots, [n + k + 1 for n in start])
-        sid = e._to_device(slots)
-        ids = torch.stack([self.pending[s] for s in slots])  # [B, k + 1]
-        pos = e._to_device(start)[:, None] + torch.arange(k + 1, device=e.device)
+        e._grow(slots, [e.lengths[s] + self.room() for s in slots])  # verify and drafts, before any capture
+        bucket = next((n for n in e.buckets if n >= b), b)
+        ids = list(slots) + [e.cache.pad_slot] * (bucket - b)
+        graph = self._graph(bucket) if self.cuda_graphs else None
+        if graph is not None:
+            g, sid, target, accepted = graph
+            sid.copy_(e._host(ids), non_blocking=True)
+            g.replay()
+        else:
+            target, accepted = self._device_step(e._to_device(ids))
+        acc, tgt = accepted[:b].tolist(), target[:b].tolist()
+        for s, a in zip(slots, acc):
+            e.lengths[s] += a + 1
+        self.stats["steps"] += 1
+        self.stats["drafted"] += b * k
+        self.stats["accepted"] += sum(acc)
+        return [t[:a + 1] for t, a in zip(tgt, acc)]
+
+    def _device_step(self, sid: torch.Tensor):
+        """Verify, accept, roll back, catch the head up and draft, for the slots `sid` [B] (pad rows
+        allowed) -> (greedy tokens [B, k + 1], accepted drafts [B]). No host syncs."""
+        e, k = self.engine, self.k
+        start = self.length[sid]
+        ids = self.pending[sid]  # [B, k + 1]
+        pos = start[:, None] + torch.arange(k + 1, device=sid.device)
         ctx = e._context(sid, pos, decode=False, fresh=False)
         ctx.verify = True
         hidden = self.net(ids, pos, ctx)
         target = self._greedy(hidden)  # [B, k + 1]
         accepted = (target[:, :-1] == ids[:, 1:]).long().cumprod(dim=1).sum(dim=1)  # [B]
-        rows = torch.arange(b, device=e.device)
+        rows = torch.arange(sid.shape[0], device=sid.device)
         for idx, states in ctx.steps.items():  # rollback: the state after the last kept token
             for name, t in states.items():
                 e.cache.layers[idx][name][sid] = t[accepted, rows]
         mctx = e._context(sid, pos, decode=False, fresh=False)
         mctx.verify = True
         mh = self.net.mtp_forward(target, hidden, pos, mctx)
-        acc, tgt = accepted.tolist(), target.tolist()
-        for s, n, a in zip(slots, start, acc):
-            e.lengths[s] = n + a + 1
-        self.stats["steps"] += 1
-        self.stats["drafted"] += b * k
-        self.stats["accepted"] += sum(acc)
-        self._draft(sid, slots, target[rows, accepted], mh[rows, accepted], [n + a + 1 for n, a in zip(start, acc)])
-        return [t[:a + 1] for t, a in zip(tgt, acc)]
+        self.length[sid] = start + accepted + 1
+        self.length[-1] = 0  # the pad slot stays at position 0
+        self._draft(sid, target[rows, accepted], mh[rows, accepted], start + accepted + 1)
+        return target, accepted
 
-    def _draft(self, sid, slots, nxt: torch.Tensor, head: torch.Tensor, lengths: list[int]) -> None:
-        """Drafts after the head's output `head` [B, H] at each slot's last position (length - 1):
-        d_1 from it, then d_j from the head run on (its previous output, d_{j-1}) at the next position."""
-        e = self.engine
+    def _draft(self, sid, nxt: torch.Tensor, head: torch.Tensor, length: torch.Tensor) -> None:
+        """pending[sid] = [nxt, d_1..d_k]: d_1 from the head's output `head` [B, H] at each slot's last
+        position (length - 1), then d_j from the head run on (its previous output, d_{j-1}) at the next."""
         drafts = [self._greedy(head)]
-        if self.k > 1:
-            e._grow(slots, [n + self.k - 1 for n in lengths])
-            pos = e._to_device(lengths)[:, None]
-            for j in range(1, self.k):
-                ctx = e._context(sid, pos, decode=True)
-                head = self.net.mtp_forward(drafts[-1][:, None], head[:, None], pos, ctx, step=j)[:, 0]
-                drafts.append(self._greedy(head))
-                pos = pos + 1
-        for i, s in enumerate(slots):
-            self.pending[s] = torch.stack([nxt[i]] + [d[i] for d in drafts])
+        pos = length[:, None]
+        for j in range(1, self.k):
+            ctx = self.engine._context(sid, pos, decode=True)
+            head = self.net.mtp_forward(drafts[-1][:, None], head[:, None], pos, ctx, step=j)[:, 0]
+            drafts.append(self._greedy(head))
+            pos = pos + 1
+        self.pending[sid] = torch.stack([nxt] + drafts, dim=1)
 
-    def release(self, slot: int) -> None:
-        self.pending.pop(slot, None)
+    def _graph(self, bucket: int):
+        """The CUDA graph of one bucket's `_device_step`, captured on first use (None if impossible)."""
+        if bucket in self._graphs:
+            return self._graphs[bucket]
+        e = self.engine
+        sid = torch.full((bucket,), e.cache.pad_slot, dtype=torch.long, device=e.device)
+        try:
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (on the pad slot only)
+                for _ in range(2):
+                    self._device_step(sid)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                target, accepted = self._device_step(sid)
+        except RuntimeError as err:
+            self.cuda_graphs = False
+            e.notes.append(f"speculative steps without CUDA graphs: capturing a batch of {bucket} failed "
+                           f"({str(err).splitlines()[0]})")
+            torch.cuda.synchronize()
+            return None
+        self._graphs[bucket] = (g, sid, target, accepted)
+        return self._graphs[bucket]
 
     def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.net.compute_logits(hidden).float().argmax(dim=-1)
@@ -171,25 +220,23 @@ def run(model, seqs, params, max_new_tokens: int, stats: dict | None = None):
             s.slot = engine.acquire()
             live.append(s)
             yield s.emit(sp.prefill(s.slot, s.prompt))
-            live = _drop_finished(live, engine, sp)
+            live = _drop_finished(live, engine)
         while live:
             for s, toks in zip(live, sp.step([s.slot for s in live])):
                 for t in toks:
                     if s.finish is not None:
                         break
                     yield s.emit(t)
-            live = _drop_finished(live, engine, sp)
+            live = _drop_finished(live, engine)
     finally:
         for s in live:
             engine.release(s.slot)
-            sp.release(s.slot)
         if stats is not None:
             stats.update(sp.stats, acceptance_rate=sp.acceptance_rate)
 
 
-def _drop_finished(live, engine, sp):
+def _drop_finished(live, engine):
     for s in [s for s in live if s.finish is not None]:
         engine.release(s.slot)
-        sp.release(s.slot)
         s.slot = -1
     return [s for s in live if s.finish is None]

@@ -70,7 +70,7 @@ class Attention(nn.Module):
                                           self.k_scale, self.v_scale)
         if ctx is not None and (ctx.decode or ctx.verify):  # verify: every token as its own decode query
             out = decoder.decode_attention(q.reshape(b * t, h, d), kc, vc, ctx.block_tables,
-                                           ctx.slots.repeat_interleave(t), ctx.positions.reshape(-1),
+                                           ctx.slots[:, None].expand(b, t).reshape(-1), ctx.positions.reshape(-1),
                                            self.scaling, self.k_scale, self.v_scale, self.sliding_window)
         elif ctx is not None and not ctx.fresh:  # a chunk after cached positions: read them through the table
             out = cached_prefix_attention(q, kc, vc, ctx, self.scaling, self.k_scale, self.v_scale,
