@@ -208,9 +208,11 @@ def run(model, seqs, params, max_new_tokens: int, stats: dict | None = None):
     check_greedy(params)
     spec = model.speculative
     room = 2 * spec.num_tokens + 1
-    engine = model.engine(len(seqs), max(len(s.prompt) for s in seqs) + max(max_new_tokens, 1) + room,
-                          prefix_caching=False)
-    sp = MTPSpeculator(engine, spec.num_tokens)
+    engine = model.engine(len(seqs), max(len(s.prompt) for s in seqs) + max(max_new_tokens, 1) + room)
+    sp = getattr(engine, "speculator", None)  # kept with the engine: its graphs are captured once
+    if sp is None or sp.k != spec.num_tokens:
+        sp = engine.speculator = MTPSpeculator(engine, spec.num_tokens)
+    sp.stats = {"steps": 0, "drafted": 0, "accepted": 0}
     live = []
     try:
         for s in seqs:
