@@ -53,9 +53,9 @@ from ..kernels.moe_ref import Routing
 from ..layers.attention import Attention
 from ..layers.block import PreNormBlock
 from ..layers.gated_deltanet import PROJECTIONS, GatedDeltaNet, GatedDeltaNetDims
+from ..layers.context import ForwardContext
 from ..layers.mlp import GatedMLP, check_activation
 from ..layers.moe import MoEBlock
-from ..layers.context import ForwardContext
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from . import register
@@ -65,7 +65,6 @@ from .slots import LinearSlot, attention_slots, expert_slots, gated_mlp_slots, l
 LINEAR, FULL = "linear_attention", "full_attention"
 MTP_REASON = "MTP head: used only with speculative decoding (--speculative mtp)"
 MTP_KV_REASON = "KV-cache scale of the MTP head: its cache stays in the compute dtype"
-KV_SCALE_LEAVES = ("k_scale", "v_scale", "kv_scale")
 
 
 @dataclass
@@ -192,6 +191,8 @@ class Qwen3_5Family(Family):
             return None
         if cfg is None or not cfg.use_mtp:
             return MTP_REASON
+        from ..quant.resolve import KV_SCALE_LEAVES
+
         return MTP_KV_REASON if name.rsplit(".", 1)[-1] in KV_SCALE_LEAVES else None
 
     def enable_mtp(self, cfg, where):
