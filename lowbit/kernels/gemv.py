@@ -100,9 +100,11 @@ def _e4m3(b):
 
 # ---------------------------------------------------------------- x in the order the weights need
 @triton.jit
-def _x_quad(x_row, k, K, XS: tl.constexpr):
-    """x[k] for a [CH, 4] index tile, as fp32 times XS (masked past K)."""
-    return tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32) * XS
+def _x_quad(x_row, k, K, c_ok, XS: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[k] for a [CH, 4] index tile as fp32 times XS (a power of two), zero past K / past the
+    program's chunks (c_ok [CH, 1]: one predicate per vector when K % 128 == 0)."""
+    ok = c_ok if EVEN_K else (k < K) & c_ok
+    return tl.load(x_row + k, mask=ok, other=0.0).to(tl.float32) * XS
 
 
 @triton.jit
@@ -142,10 +144,10 @@ def _block_done(acc, part, xsum, s, z, HAS_ZP: tl.constexpr):
 @triton.jit
 def _rows_dot(w_rows, s_rows, z_rows, xr0, xr1, xr2, xr3, n_ok, c_begin, c_end, K, KW, G,
               NVFP4: tl.constexpr, PLANAR: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr):
+              EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr):
     """Rows w_rows [BN] (pointers to each row's words) over the chunks c_begin..c_end, against up to
     four x rows (pointers). Returns four [BN] fp32 sums (the first BM meaningful); NVFP4 scaled by
-    2^(X_EXP - 126); row scales are the caller's."""
+    2^(X_EXP - 126); row scales are the caller's. EVEN_K: K % 128 == 0 (no per-element x mask)."""
     XS: tl.constexpr = 2.0 ** _X_EXP if NVFP4 else 1.0
     acc0 = tl.zeros((BN, CH), dtype=tl.float32)
     acc1 = acc0
@@ -154,6 +156,7 @@ def _rows_dot(w_rows, s_rows, z_rows, xr0, xr1, xr2, xr3, n_ok, c_begin, c_end, 
     i4 = tl.arange(0, 4)
     for c0 in range(c_begin, c_end, CH):
         offs_c = c0 + tl.arange(0, CH)
+        c_ok = (offs_c < c_end)[:, None]
         ok2 = n_ok[:, None] & (offs_c < c_end)[None, :]
         # a chunk's 16 words as 4 vectors of 4 (16 bytes): each thread holds whole chunks of its rows
         col = (offs_c * 16)[None, :, None] + i4[None, None, :]
@@ -171,14 +174,15 @@ def _rows_dot(w_rows, s_rows, z_rows, xr0, xr1, xr2, xr3, n_ok, c_begin, c_end, 
             u3 = tl.load(wp + 12, mask=ok3 & (col + 12 < KW), other=0)
         kc = (offs_c * 128)[:, None]
         if PLANAR:
-            acc0, acc1, acc2, acc3 = _planar_chunks(u0, u1, u2, u3, kc, i4, acc0, acc1, acc2, acc3, s_rows, z_rows,
-                                                    offs_c, ok2, xr0, xr1, xr2, xr3, K, G, NVFP4, GROUP, HAS_ZP,
-                                                    BM, XS)
+            acc0, acc1, acc2, acc3 = _planar_chunks(u0, u1, u2, u3, kc, i4, c_ok, acc0, acc1, acc2, acc3, s_rows,
+                                                    z_rows, offs_c, ok2, xr0, xr1, xr2, xr3, K, G, NVFP4, GROUP,
+                                                    HAS_ZP, EVEN_K, BM, XS)
         else:
             for q in tl.static_range(4):
                 uq = u0 if q == 0 else u1 if q == 1 else u2 if q == 2 else u3
-                acc0, acc1, acc2, acc3 = _natural_vec(uq, q, kc, i4, acc0, acc1, acc2, acc3, s_rows, z_rows, offs_c,
-                                                      ok2, xr0, xr1, xr2, xr3, K, G, NVFP4, GROUP, HAS_ZP, BM, XS)
+                acc0, acc1, acc2, acc3 = _natural_vec(uq, q, kc, i4, c_ok, acc0, acc1, acc2, acc3, s_rows, z_rows,
+                                                      offs_c, ok2, xr0, xr1, xr2, xr3, K, G, NVFP4, GROUP, HAS_ZP,
+                                                      EVEN_K, BM, XS)
     return tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1)
 
 
@@ -194,9 +198,9 @@ def _planar_block(u, t1, t2, ue, uo, a: tl.constexpr, NVFP4: tl.constexpr):
 
 
 @triton.jit
-def _planar_chunks(u0, u1, u2, u3, kc, i4, acc0, acc1, acc2, acc3, s_rows, z_rows, offs_c, ok2, xr0, xr1, xr2, xr3,
-                   K, G, NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BM: tl.constexpr,
-                   XS: tl.constexpr):
+def _planar_chunks(u0, u1, u2, u3, kc, i4, c_ok, acc0, acc1, acc2, acc3, s_rows, z_rows, offs_c, ok2,
+                   xr0, xr1, xr2, xr3, K, G, NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                   EVEN_K: tl.constexpr, BM: tl.constexpr, XS: tl.constexpr):
     if NVFP4:
         a0, b0 = _nvfp4_pair_words(u0)
         a1, b1 = _nvfp4_pair_words(u1)
@@ -219,23 +223,24 @@ def _planar_chunks(u0, u1, u2, u3, kc, i4, acc0, acc1, acc2, acc3, s_rows, z_row
         if not NVFP4:  # the decode's values carry 16^m
             s = s * (1.0 / 16.0 ** (a % 4))
             z = z * 16.0 ** (a % 4)
-        acc0 = _planar_token(acc0, v0, v1, v2, v3, xr0, k, K, s, z, HAS_ZP, XS)
+        acc0 = _planar_token(acc0, v0, v1, v2, v3, xr0, k, K, c_ok, s, z, HAS_ZP, EVEN_K, XS)
         if BM > 1:
-            acc1 = _planar_token(acc1, v0, v1, v2, v3, xr1, k, K, s, z, HAS_ZP, XS)
+            acc1 = _planar_token(acc1, v0, v1, v2, v3, xr1, k, K, c_ok, s, z, HAS_ZP, EVEN_K, XS)
         if BM > 2:
-            acc2 = _planar_token(acc2, v0, v1, v2, v3, xr2, k, K, s, z, HAS_ZP, XS)
+            acc2 = _planar_token(acc2, v0, v1, v2, v3, xr2, k, K, c_ok, s, z, HAS_ZP, EVEN_K, XS)
         if BM > 3:
-            acc3 = _planar_token(acc3, v0, v1, v2, v3, xr3, k, K, s, z, HAS_ZP, XS)
+            acc3 = _planar_token(acc3, v0, v1, v2, v3, xr3, k, K, c_ok, s, z, HAS_ZP, EVEN_K, XS)
     return acc0, acc1, acc2, acc3
 
 
 @triton.jit
-def _planar_token(acc, v0, v1, v2, v3, x_row, k, K, s, z, HAS_ZP: tl.constexpr, XS: tl.constexpr):
+def _planar_token(acc, v0, v1, v2, v3, x_row, k, K, c_ok, s, z, HAS_ZP: tl.constexpr, EVEN_K: tl.constexpr,
+                  XS: tl.constexpr):
     """One token, one planar block: each (row, chunk)'s 16 products, scaled, into acc."""
-    x0 = _x_quad(x_row, k, K, XS)
-    x1 = _x_quad(x_row, k + 4, K, XS)
-    x2 = _x_quad(x_row, k + 8, K, XS)
-    x3 = _x_quad(x_row, k + 12, K, XS)
+    x0 = _x_quad(x_row, k, K, c_ok, XS, EVEN_K)
+    x1 = _x_quad(x_row, k + 4, K, c_ok, XS, EVEN_K)
+    x2 = _x_quad(x_row, k + 8, K, c_ok, XS, EVEN_K)
+    x3 = _x_quad(x_row, k + 12, K, c_ok, XS, EVEN_K)
     part = tl.sum(v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None], axis=2)
     xsum = part
     if HAS_ZP:
@@ -244,9 +249,9 @@ def _planar_token(acc, v0, v1, v2, v3, x_row, k, K, s, z, HAS_ZP: tl.constexpr, 
 
 
 @triton.jit
-def _natural_vec(u, q: tl.constexpr, kc, i4, acc0, acc1, acc2, acc3, s_rows, z_rows, offs_c, ok2, xr0, xr1, xr2, xr3,
-                 K, G, NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BM: tl.constexpr,
-                 XS: tl.constexpr):
+def _natural_vec(u, q: tl.constexpr, kc, i4, c_ok, acc0, acc1, acc2, acc3, s_rows, z_rows, offs_c, ok2,
+                 xr0, xr1, xr2, xr3, K, G, NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                 EVEN_K: tl.constexpr, BM: tl.constexpr, XS: tl.constexpr):
     """Checkpoint layout: vector q of a chunk holds elements 32q + 8i + n (word i, nibble n), the
     16-element blocks 2q (words 0-1) and 2q + 1 (words 2-3)."""
     if NVFP4:
@@ -266,16 +271,17 @@ def _natural_vec(u, q: tl.constexpr, kc, i4, acc0, acc1, acc2, acc3, s_rows, z_r
     k = kc + 32 * q + 8 * i4[None, :]  # [CH, 4]: nibble n of word i at k + n
     s_lo, z_lo = _scale_col(s_rows, z_rows, _col(offs_c * 128 + 32 * q, GROUP), ok2, G, NVFP4, GROUP, HAS_ZP)
     s_hi, z_hi = _scale_col(s_rows, z_rows, _col(offs_c * 128 + 32 * q + 16, GROUP), ok2, G, NVFP4, GROUP, HAS_ZP)
-    acc0 = _natural_token(acc0, v0, v1, v2, v3, v4, v5, v6, v7, xr0, k, K, s_lo, z_lo, s_hi, z_hi, NVFP4, HAS_ZP, XS)
+    acc0 = _natural_token(acc0, v0, v1, v2, v3, v4, v5, v6, v7, xr0, k, K, c_ok, s_lo, z_lo, s_hi, z_hi,
+                          NVFP4, GROUP, HAS_ZP, EVEN_K, XS)
     if BM > 1:
-        acc1 = _natural_token(acc1, v0, v1, v2, v3, v4, v5, v6, v7, xr1, k, K, s_lo, z_lo, s_hi, z_hi, NVFP4, HAS_ZP,
-                              XS)
+        acc1 = _natural_token(acc1, v0, v1, v2, v3, v4, v5, v6, v7, xr1, k, K, c_ok, s_lo, z_lo, s_hi, z_hi,
+                              NVFP4, GROUP, HAS_ZP, EVEN_K, XS)
     if BM > 2:
-        acc2 = _natural_token(acc2, v0, v1, v2, v3, v4, v5, v6, v7, xr2, k, K, s_lo, z_lo, s_hi, z_hi, NVFP4, HAS_ZP,
-                              XS)
+        acc2 = _natural_token(acc2, v0, v1, v2, v3, v4, v5, v6, v7, xr2, k, K, c_ok, s_lo, z_lo, s_hi, z_hi,
+                              NVFP4, GROUP, HAS_ZP, EVEN_K, XS)
     if BM > 3:
-        acc3 = _natural_token(acc3, v0, v1, v2, v3, v4, v5, v6, v7, xr3, k, K, s_lo, z_lo, s_hi, z_hi, NVFP4, HAS_ZP,
-                              XS)
+        acc3 = _natural_token(acc3, v0, v1, v2, v3, v4, v5, v6, v7, xr3, k, K, c_ok, s_lo, z_lo, s_hi, z_hi,
+                              NVFP4, GROUP, HAS_ZP, EVEN_K, XS)
     return acc0, acc1, acc2, acc3
 
 
@@ -287,35 +293,38 @@ def _natural_code(u, hi, t1, t2, n: tl.constexpr, NVFP4: tl.constexpr):
 
 
 @triton.jit
-def _natural_x(x_row, k, K, n: tl.constexpr, NVFP4: tl.constexpr, XS: tl.constexpr):
+def _natural_x(x_row, k, K, c_ok, n: tl.constexpr, NVFP4: tl.constexpr, EVEN_K: tl.constexpr, XS: tl.constexpr):
     if NVFP4:
-        return _x_quad(x_row, k + n, K, XS)
-    return _x_quad(x_row, k + n, K, 1.0 / 16.0 ** (n % 4))
+        return _x_quad(x_row, k + n, K, c_ok, XS, EVEN_K)
+    return _x_quad(x_row, k + n, K, c_ok, 1.0 / 16.0 ** (n % 4), EVEN_K)
 
 
 @triton.jit
-def _natural_token(acc, v0, v1, v2, v3, v4, v5, v6, v7, x_row, k, K, s_lo, z_lo, s_hi, z_hi, NVFP4: tl.constexpr,
-                   HAS_ZP: tl.constexpr, XS: tl.constexpr):
-    x0 = _natural_x(x_row, k, K, 0, NVFP4, XS)
-    x1 = _natural_x(x_row, k, K, 1, NVFP4, XS)
-    x2 = _natural_x(x_row, k, K, 2, NVFP4, XS)
-    x3 = _natural_x(x_row, k, K, 3, NVFP4, XS)
-    x4 = _natural_x(x_row, k, K, 4, NVFP4, XS)
-    x5 = _natural_x(x_row, k, K, 5, NVFP4, XS)
-    x6 = _natural_x(x_row, k, K, 6, NVFP4, XS)
-    x7 = _natural_x(x_row, k, K, 7, NVFP4, XS)
+def _natural_token(acc, v0, v1, v2, v3, v4, v5, v6, v7, x_row, k, K, c_ok, s_lo, z_lo, s_hi, z_hi,
+                   NVFP4: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, EVEN_K: tl.constexpr,
+                   XS: tl.constexpr):
+    """One token, one checkpoint-layout vector: two 16-element blocks per (row, chunk) into acc."""
+    x0 = _natural_x(x_row, k, K, c_ok, 0, NVFP4, EVEN_K, XS)
+    x1 = _natural_x(x_row, k, K, c_ok, 1, NVFP4, EVEN_K, XS)
+    x2 = _natural_x(x_row, k, K, c_ok, 2, NVFP4, EVEN_K, XS)
+    x3 = _natural_x(x_row, k, K, c_ok, 3, NVFP4, EVEN_K, XS)
+    x4 = _natural_x(x_row, k, K, c_ok, 4, NVFP4, EVEN_K, XS)
+    x5 = _natural_x(x_row, k, K, c_ok, 5, NVFP4, EVEN_K, XS)
+    x6 = _natural_x(x_row, k, K, c_ok, 6, NVFP4, EVEN_K, XS)
+    x7 = _natural_x(x_row, k, K, c_ok, 7, NVFP4, EVEN_K, XS)
     part = (v0 * x0[None] + v1 * x1[None] + v2 * x2[None] + v3 * x3[None] + v4 * x4[None] + v5 * x5[None]
-            + v6 * x6[None] + v7 * x7[None])
-    lo, hi = tl.split(tl.reshape(part, (part.shape[0], part.shape[1], 2, 2)))  # words 0-1 | 2-3 ... per r
-    # reshape [BN, CH, 4] -> [BN, CH, 2 (block), 2 (word)]: split takes the word axis; blocks stay
-    blocks = lo + hi  # [BN, CH, 2]: block 2q, 2q + 1
-    b_lo, b_hi = tl.split(blocks)
+            + v6 * x6[None] + v7 * x7[None])  # [BN, CH, 4]: one sum per word
+    # [.., 4 words] -> [.., 2 blocks, 2 words]: split takes the word axis, the sum leaves the blocks
+    w_even, w_odd = tl.split(tl.reshape(part, (part.shape[0], part.shape[1], 2, 2)))
+    b_lo, b_hi = tl.split(w_even + w_odd)
     xs_lo = b_lo
     xs_hi = b_hi
     if HAS_ZP:  # sums of the true x over each block (x0..x7 carry 16^-(n % 4))
         xs = (x0 + x4) + 16.0 * (x1 + x5) + 256.0 * (x2 + x6) + 4096.0 * (x3 + x7)
         xa, xb = tl.split(tl.reshape(xs, (xs.shape[0], 2, 2)))
         xs_lo, xs_hi = tl.split(xa + xb)
+    if GROUP == 0 and not HAS_ZP:
+        return acc + b_lo + b_hi
     acc = _block_done(acc, b_lo, xs_lo, s_lo, z_lo, HAS_ZP)
     return _block_done(acc, b_hi, xs_hi, s_hi, z_hi, HAS_ZP)
 
@@ -338,9 +347,10 @@ def _gemv_kernel(
     stride_rse, stride_rsn, stride_om, stride_os, chunks_per_split,
     MODE: tl.constexpr, TOP_K: tl.constexpr, NVFP4: tl.constexpr, PLANAR: tl.constexpr, GROUP: tl.constexpr,
     HAS_ZP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-    ACT: tl.constexpr, HAS_RW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
+    ACT: tl.constexpr, HAS_RW: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
 ):
-    """N: output rows (GATED: the gate half; up rows are N + n). See the module docstring."""
+    """N: output rows (GATED: the gate half; up rows are N + n). ACT: -1 none, else ACT_CODES (MODE_PAIRS:
+    act(gate) * up when GATED, act(rows) otherwise). See the module docstring."""
     EPI: tl.constexpr = 2.0 ** (126 - _X_EXP) if NVFP4 else 1.0
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
@@ -354,7 +364,7 @@ def _gemv_kernel(
         xr3 = x_ptr + tl.minimum(3, M - 1) * stride_xm
         a0, a1, a2, a3 = _rows_dot(w_ptr + offs_n.to(tl.int64) * stride_wn, s_ptr + offs_n * stride_sn,
                                    z_ptr + offs_n * stride_zn, xr0, xr1, xr2, xr3, n_ok, c_begin, c_end, K, KW, G,
-                                   NVFP4, PLANAR, GROUP, HAS_ZP, BM, BN, CH)
+                                   NVFP4, PLANAR, GROUP, HAS_ZP, EVEN_K, BM, BN, CH)
         f = tl.full((BN,), EPI, tl.float32)
         if HAS_ROW_SCALE:
             f *= tl.load(rs_ptr + offs_n * stride_rsn, mask=n_ok, other=0.0).to(tl.float32)
@@ -380,7 +390,7 @@ def _gemv_kernel(
             s_rows = s_ptr + e * stride_se + offs_n * stride_sn
             z_rows = z_ptr + e * stride_ze + offs_n * stride_zn
             g, _, _, _ = _rows_dot(w_rows, s_rows, z_rows, xr, xr, xr, xr, n_ok, 0, chunks, K, KW, G,
-                                   NVFP4, PLANAR, GROUP, HAS_ZP, 1, BN, CH)
+                                   NVFP4, PLANAR, GROUP, HAS_ZP, EVEN_K, 1, BN, CH)
             f = tl.full((BN,), EPI, tl.float32)
             if HAS_ROW_SCALE:
                 f *= tl.load(rs_ptr + e * stride_rse + offs_n * stride_rsn, mask=n_ok, other=0.0).to(tl.float32)
@@ -388,12 +398,14 @@ def _gemv_kernel(
             if GATED:
                 up, _, _, _ = _rows_dot(w_rows + N * stride_wn, s_rows + N * stride_sn, z_rows + N * stride_zn,
                                         xr, xr, xr, xr, n_ok, 0, chunks, K, KW, G, NVFP4, PLANAR, GROUP, HAS_ZP,
-                                        1, BN, CH)
+                                        EVEN_K, 1, BN, CH)
                 fu = tl.full((BN,), EPI, tl.float32)
                 if HAS_ROW_SCALE:
                     fu *= tl.load(rs_ptr + e * stride_rse + (N + offs_n) * stride_rsn, mask=n_ok,
                                   other=0.0).to(tl.float32)
                 g = _act(g, ACT) * (up * fu)
+            elif ACT >= 0:
+                g = _act(g, ACT)
             if HAS_RW:
                 g = g * tl.load(rw_ptr + p).to(tl.float32)
             acc += g
@@ -465,7 +477,7 @@ def gemv_w4(x: torch.Tensor, words: torch.Tensor, nvfp4: bool, k: int, scale: to
         0, st(s, 0), 0, st(zero, 0), 0, st(rs, 0), n, m * n, per_split,
         MODE=MODE_DENSE, TOP_K=1, NVFP4=nvfp4, PLANAR=planar, GROUP=grp, HAS_ZP=zero is not None,
         HAS_ROW_SCALE=rs is not None, HAS_BIAS=bias is not None and split == 1, GATED=False, ACT=0, HAS_RW=False,
-        BM=m, BN=t.bn, CH=t.ch, num_warps=t.warps, num_stages=t.stages)
+        EVEN_K=k % 128 == 0, BM=m, BN=t.bn, CH=t.ch, num_warps=t.warps, num_stages=t.stages)
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
@@ -476,14 +488,14 @@ def gemv_w4(x: torch.Tensor, words: torch.Tensor, nvfp4: bool, k: int, scale: to
 
 def moe_gemv(x: torch.Tensor, words: torch.Tensor, nvfp4: bool, k: int, scale: torch.Tensor,
              zero: torch.Tensor | None, group: int, row_scale: torch.Tensor | None, topk_ids: torch.Tensor,
-             top_k: int, *, gated: bool = False, activation: str = "silu", routed_weights: torch.Tensor | None = None,
+             top_k: int, *, gated: bool = False, activation: str | None = None, routed_weights: torch.Tensor | None = None,
              sum_topk: bool = False, planar: bool = False, bn: int = 32, ch: int = 4, warps: int = 4,
              stages: int = 2) -> torch.Tensor:
     """One projection of a MoE layer on stacked 4-bit experts words [E, N, KW], per (token, expert) pair.
 
     x: [T, K] (first projection: pair p reads row p // top_k) or [P, K] (sum_topk: pair p reads row p).
-    topk_ids [T, top_k]. gated: the stack's rows are [gate; up] and the result is act(gate) * up
-    ([P, N/2]). routed_weights fp32 [P]: multiplied per pair. sum_topk: the top_k pairs of each token
+    topk_ids [T, top_k]. activation (first projection): act(rows), or with gated (the stack's rows are
+    [gate; up]) act(gate) * up ([P, N/2]). routed_weights fp32 [P]: multiplied per pair. sum_topk: the top_k pairs of each token
     summed in the program (fixed order) -> [T, N]; else [P, N or N/2].
     """
     e, n_all = words.shape[0], words.shape[1]
@@ -506,6 +518,6 @@ def moe_gemv(x: torch.Tensor, words: torch.Tensor, nvfp4: bool, k: int, scale: t
         words.stride(1), st(s, 0), st(s, 1), st(zero, 0), st(zero, 1), st(rs, 0), st(rs, 1), out.stride(0), 0, 0,
         MODE=MODE_TOKENS if sum_topk else MODE_PAIRS, TOP_K=top_k, NVFP4=nvfp4, PLANAR=planar, GROUP=grp,
         HAS_ZP=zero is not None, HAS_ROW_SCALE=rs is not None, HAS_BIAS=False, GATED=gated,
-        ACT=ACT_CODES[activation], HAS_RW=routed_weights is not None, BM=1, BN=bn, CH=ch, num_warps=warps,
+        ACT=-1 if activation is None else ACT_CODES[activation], HAS_RW=routed_weights is not None, EVEN_K=k % 128 == 0, BM=1, BN=bn, CH=ch, num_warps=warps,
         num_stages=stages)
     return out
