@@ -486,11 +486,13 @@ def gemv_w4(x: torch.Tensor, words: torch.Tensor, nvfp4: bool, k: int, scale: to
     return out
 
 
+MOE_TILES = dict(bn=32, ch=4, warps=4, stages=2)  # moe_gemv's default tiling (benchmarks/moe_kernels.py --sweep)
+
+
 def moe_gemv(x: torch.Tensor, words: torch.Tensor, nvfp4: bool, k: int, scale: torch.Tensor,
              zero: torch.Tensor | None, group: int, row_scale: torch.Tensor | None, topk_ids: torch.Tensor,
              top_k: int, *, gated: bool = False, activation: str | None = None, routed_weights: torch.Tensor | None = None,
-             sum_topk: bool = False, planar: bool = False, bn: int = 32, ch: int = 4, warps: int = 4,
-             stages: int = 2) -> torch.Tensor:
+             sum_topk: bool = False, planar: bool = False, tiles: dict | None = None) -> torch.Tensor:
     """One projection of a MoE layer on stacked 4-bit experts words [E, N, KW], per (token, expert) pair.
 
     x: [T, K] (first projection: pair p reads row p // top_k) or [P, K] (sum_topk: pair p reads row p).
@@ -512,12 +514,14 @@ def moe_gemv(x: torch.Tensor, words: torch.Tensor, nvfp4: bool, k: int, scale: t
         ids = ids.to(torch.int32)
     s, rs, grp = _scales(nvfp4, scale, row_scale, group)
     s_, z_, rs_, st = _launch_args(words, s, zero, rs)
+    t = dict(MOE_TILES, **(tiles or {}))
+    bn = t["bn"]
     _gemv_kernel[(triton.cdiv(n, bn), rows)](
         x, words, s_, z_, rs_, words, ids.contiguous(), routed_weights if routed_weights is not None else words, out,
         rows, n, k, words.shape[2], s.shape[-1] if s is not None else 1, x.stride(0), words.stride(0),
         words.stride(1), st(s, 0), st(s, 1), st(zero, 0), st(zero, 1), st(rs, 0), st(rs, 1), out.stride(0), 0, 0,
         MODE=MODE_TOKENS if sum_topk else MODE_PAIRS, TOP_K=top_k, NVFP4=nvfp4, PLANAR=planar, GROUP=grp,
         HAS_ZP=zero is not None, HAS_ROW_SCALE=rs is not None, HAS_BIAS=False, GATED=gated,
-        ACT=-1 if activation is None else ACT_CODES[activation], HAS_RW=routed_weights is not None, EVEN_K=k % 128 == 0, BM=1, BN=bn, CH=ch, num_warps=warps,
-        num_stages=stages)
+        ACT=-1 if activation is None else ACT_CODES[activation], HAS_RW=routed_weights is not None, EVEN_K=k % 128 == 0, BM=1, BN=bn, CH=t["ch"],
+        num_warps=t["warps"], num_stages=t["stages"])
     return out

@@ -48,11 +48,11 @@ XQ_NONE, XQ_GIVEN, XQ_STATIC = 0, 1, 2  # activations: as they are / quantized b
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "relu2": 2}
 
 interpret_on_cpu = False  # tests only: run the kernels on CPU tensors (needs TRITON_INTERPRET=1)
-# Decode of 4-bit stacks (NVFP4, int4) with at most this many (token, expert) pairs: the dot-free GEMV
+# Decode of 4-bit stacks (NVFP4, int4) with at most this many (token, expert) pairs (T <= 8 at top-8): the dot-free GEMV
 # (gemv.moe_gemv) per pair, no align and no padded blocks; the down projection sums each token's
 # experts in its program. Off until measured on a GPU (benchmarks/moe_kernels.py times both paths).
 USE_GEMV = False
-GEMV_MAX_PAIRS = 32
+GEMV_MAX_PAIRS = 64
 
 
 def usable(x: torch.Tensor) -> bool:
