@@ -424,10 +424,11 @@ class GemvTiles:
 
 
 def pick_tiles(m: int, n: int, k: int, device: torch.device) -> GemvTiles:
-    """Dense decode: 32-row tiles of 4 chunks per step; K split until about 4 programs per SM
-    (not measured yet: benchmarks/kernels.py --sweep --gemv picks these)."""
+    """Dense decode: 128-row tiles of 4 chunks per step (4 rows a thread share each x value: 5.4
+    SASS instructions a weight against 7.7 at 32 rows), K split until about 4 programs per SM.
+    Not measured yet: benchmarks/kernels.py --sweep --ms 1,2,4 times the alternatives."""
     sms, chunks = _sm_count(device), triton.cdiv(k, 128)
-    t = GemvTiles()
+    t = GemvTiles(bn=128)
     tiles = triton.cdiv(n, t.bn)
     split = max(1, min(triton.cdiv(4 * sms, tiles), chunks // t.ch, 16))
     return GemvTiles(t.bn, t.ch, split, t.warps, t.stages)
