@@ -48,6 +48,11 @@ XQ_NONE, XQ_GIVEN, XQ_STATIC = 0, 1, 2  # activations: as they are / quantized b
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "relu2": 2}
 
 interpret_on_cpu = False  # tests only: run the kernels on CPU tensors (needs TRITON_INTERPRET=1)
+# Decode of 4-bit stacks (NVFP4, int4) with at most this many (token, expert) pairs (T <= 8 at top-8): the dot-free GEMV
+# (gemv.moe_gemv) per pair, no align and no padded blocks; the down projection sums each token's
+# experts in its program. Off until measured on a GPU (benchmarks/moe_kernels.py times both paths).
+USE_GEMV = False
+GEMV_MAX_PAIRS = 64
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -426,6 +431,8 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     t, k = topk_ids.shape
     e = first.units.shape[0]
     pairs = t * k
+    if USE_GEMV and 0 < pairs <= GEMV_MAX_PAIRS and gemv_covers(first) and gemv_covers(down):
+        return gemv_experts(x, topk_ids, topk_weights, first, down, activation, gated)
     bm = pick_block_m(pairs, e)
     sorted_ids, block_expert, num_padded = align(topk_ids, e, bm)
     h = grouped_gemm(x, first, sorted_ids, block_expert, num_padded, k, pairs, bm)
@@ -433,6 +440,37 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     y = grouped_gemm(a, down, sorted_ids, block_expert, num_padded, 1, pairs, bm,
                      routed_weights=topk_weights.reshape(-1).float().contiguous())
     return y.view(t, k, y.shape[1]).sum(dim=1)
+
+
+def gemv_covers(ops: StackOperands) -> bool:
+    """Whether the GEMV kernel runs this stack: NVFP4 / int4 weight-only, group scales in whole
+    16-element blocks (or per channel)."""
+    if ops.act != "none" or ops.block is not None:
+        return False
+    if ops.fmt == FMT_NVFP4:
+        return ops.k % 8 == 0
+    return ops.fmt == FMT_INT4 and (ops.group == 0 or ops.group % 16 == 0)
+
+
+def gemv_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, first: StackOperands,
+                 down: StackOperands, activation: str = "silu", gated: bool = True) -> torch.Tensor:
+    """fused_experts for a few pairs on the GEMV kernel: one launch per projection, one program per
+    (pair, tile of rows) for the first (act(gate) * up fused) and per (token, tile) for the down
+    projection (each token's experts weighted and summed in order: deterministic)."""
+    from . import gemv
+
+    t, k = topk_ids.shape
+    ids = topk_ids.to(torch.int32).contiguous()
+    h = gemv.moe_gemv(x, *_gemv_operands(first), ids, k, gated=gated, activation=activation)
+    return gemv.moe_gemv(h, *_gemv_operands(down), ids, k, routed_weights=topk_weights.reshape(-1).float().contiguous(),
+                         sum_topk=True)
+
+
+def _gemv_operands(ops: StackOperands):
+    """(words [E, N, KW] int32, nvfp4, k, scale, zero, group, row_scale) in the checkpoint layout."""
+    nvfp4 = ops.fmt == FMT_NVFP4
+    words = ops.units.view(torch.int32) if nvfp4 else ops.units
+    return words, nvfp4, ops.k, ops.scale, ops.zero, 16 if nvfp4 else ops.group, ops.row_scale
 
 
 # ---------------------------------------------------------------- the stacked-experts unit's hook

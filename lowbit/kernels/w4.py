@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import dequant as dq
+from . import gemv
 from .gemm import Tiles, _dot, _sm_count, _splitk_reduce_kernel, interpreting, tile_coords
 
 CHUNK = 128  # K elements per 16 planar words
@@ -226,6 +227,9 @@ def _dense_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, K, stride_wn, stride_
 # per-block scaling costs BM/16 FMAs per weight in the planar kernel, so it switches earlier.
 # (Measured on an H200: docs/kernel-notes.md.)
 DENSE_MIN_M = {True: 128, False: 512}  # by nvfp4
+# Decode (m <= gemv.GEMV_MAX_M) on the dot-free GEMV kernel (lowbit/kernels/gemv.py) instead of the
+# mma.sync kernel below. Off until measured on a GPU (benchmarks/kernels.py times both paths).
+USE_GEMV = False
 
 
 def planar_supported(group: int) -> bool:
@@ -278,6 +282,8 @@ def w4_linear(x: torch.Tensor, planar: torch.Tensor, nvfp4: bool, k: int, scale:
     if m >= (dense_min_m or DENSE_MIN_M[nvfp4]):
         w = dense_weight(planar, nvfp4, k, scale, zero, group, row_scale, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
+    if USE_GEMV and 0 < m <= gemv.GEMV_MAX_M and tiles is None:
+        return gemv.gemv_w4(x2, planar, nvfp4, k, scale, zero, group, row_scale, bias).reshape(*lead, n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
