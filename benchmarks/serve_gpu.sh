@@ -19,7 +19,7 @@ python3 -m lowbit serve --synthetic "$MODEL" --scheme "$SCHEME" --max-num-seqs "
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 for _ in $(seq 1 240); do
-  curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
+  python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null && break
   kill -0 $server 2>/dev/null || { echo "server died:"; tail -20 "$OUT/serve-$tag.log"; exit 1; }
   sleep 1
 done
@@ -34,4 +34,4 @@ echo "80% of capacity: $rate requests/s"
 timeout "${LOAD_S:-150}" python3 benchmarks/serve.py --url "$url" --rates "$rate" --requests "$REQS" --prompt-len "$PROMPT" \
     --max-tokens "$GEN" "${extra[@]}" --prefix-probe --prefix-len 2048 --json "$OUT/serve-80-$tag.json" \
     | tee "$OUT/serve-80-$tag.txt"
-curl -s "$url/metrics" | grep -E "^lowbit_(prefix|kv|requests|queue)" | head -20
+python3 -c "import urllib.request as u; print(u.urlopen('$url/metrics').read().decode())" | grep -E "^lowbit_(prefix|kv|requests|queue)" | head -20
