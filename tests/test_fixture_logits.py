@@ -71,6 +71,9 @@ def lowbit_bound(name: str) -> tuple[str, float]:
         return "auto", 0.08
     if name == "base-gemma3-bf16":  # (1 + w) norms at every sublayer round once more: measured 0.0098
         return "auto", 0.015
+    if name == "base-qwen3_5-bf16":  # CPU 0.0063-0.0075; on an H200 0.0100: the Gated DeltaNet chunk
+        # kernel's dots run in tf32 where the reference runs the rule in fp32 (kernels/gated_delta.py)
+        return "auto", 0.015
     return "auto", 0.01  # unquantized and weight-only: measured 0.0063-0.0075 (Qwen3.5), the bf16 model floor
 
 

@@ -120,11 +120,11 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << max(0, (n - 1).bit_length()))
 
 
-# The chunk kernel's dots for bf16/fp16 inputs. The reference (transformers' rule) runs in fp32 whatever
-# the model dtype, and the chunk's triangular solve chains its dots, so plain tf32 (10-bit inputs) can
-# drift from it; "tf32x3" splits each operand into two tf32 parts (about fp32 accuracy, 3 MMAs).
-# fp32 inputs always use "ieee".
-HALF_PRECISION = "tf32x3"
+# The chunk kernels' dots for bf16/fp16 inputs: tf32 (bf16 inputs are exact in it; the fp32
+# intermediates, e.g. the state in `w @ s`, keep 10 mantissa bits; flash-linear-attention's kernels
+# feed those dots bf16). "tf32x3" (about fp32) would need 237 KB of shared memory in _chunk_kernel at
+# d_k = d_v = 128, over the H200's 227 KB (measured: OutOfResources). fp32 inputs use "ieee".
+HALF_PRECISION = "tf32"
 
 
 def _precision(x: torch.Tensor) -> str:
