@@ -2,7 +2,9 @@
 `Scheduler` (lowbit/generate.py, the loop `Model.generate` runs too), so requests share the
 engine's running batch: they join it when a KV-cache slot is free and leave it at EOS, a stop
 string or token, max_tokens, or when their client goes away. Events go back to the event loop, one
-hand-over per step; token strings for logprobs are made here too, off the event loop.
+hand-over per step; token strings for logprobs are made here too, off the event loop. A choice
+that asks for its prompt's logprobs (echo) gets them from its own prefill (the Scheduler makes them
+while it runs the prompt), as a PromptLogprobs event before its first token.
 
 The worker is alive from `start` (which returns once the thread runs on the model's device) until
 `stop` or until something outside a decode step fails: then `error` says why, every waiting
@@ -23,11 +25,10 @@ import torch
 
 from ..errors import LowbitError
 from ..generate import Detokenizer, Scheduler, Sequence, StreamEvent, sampling_generator
-from ..sampling import SamplingParams, SequenceSampler, TokenLogprobs, logprobs_of, to_token_logprobs
+from ..sampling import SamplingParams, SequenceSampler, TokenLogprobs
 
 log = logging.getLogger("lowbit.serve")
 SEED_MOD = 2**64
-PROMPT_LOGITS_ROWS = 512  # prompt logprobs: rows of logits made at once (a [T, V] float32 block)
 
 
 class WorkerDied(RuntimeError):
@@ -127,7 +128,8 @@ class Worker:
         stop_ids = set(choice.stop_token_ids)
         sampler = SequenceSampler(params, choice.prompt, eos | stop_ids) if params.stateful else None
         seq = Sequence(next(self._ids), choice.prompt, params, choice.max_new_tokens, eos, detok, gen,
-                       stop_ids=stop_ids, min_tokens=params.min_tokens, sampler=sampler)
+                       stop_ids=stop_ids, min_tokens=params.min_tokens, sampler=sampler,
+                       prompt_logprobs=choice.prompt_logprobs)
         req = Request(seq, choice, sink, index, arrival)
         with self._lock:
             if not self.alive:
@@ -177,37 +179,22 @@ class Worker:
             self.waiting, self.running = len(scheduler.waiting), len(scheduler.running)
             if self.metrics is not None:
                 self.metrics.scheduler(self.waiting, self.running, self.engine)
-            self._hand_over([(live.pop(ev.index) if ev.finish_reason else live[ev.index], ev) for ev in events])
+            items = []
+            for ev in events:
+                req = live.pop(ev.index) if ev.finish_reason else live[ev.index]
+                if ev.prompt_logprobs is not None:
+                    items.append((req, PromptLogprobs(ev.prompt_logprobs)))
+                items.append((req, ev))
+            self._hand_over(items)
 
     def _admit(self, req: Request, scheduler: Scheduler, live: dict[int, Request]) -> None:
         choice, seq = req.choice, req.seq
         live[seq.index] = req  # from here on, a death of the thread fails it
-        try:
-            if choice.prompt_logprobs is not None:
-                self._hand_over([(req, PromptLogprobs(self._prompt_logprobs(choice.prompt, choice.prompt_logprobs)))])
-        except Exception as e:
-            log.exception("prompt logprobs failed")
-            self._hand_over([(live.pop(seq.index), e)])
-            return
-        if choice.max_new_tokens == 0:  # echo only
+        if choice.max_new_tokens == 0 and choice.prompt_logprobs is None:  # echo only: nothing to compute
             seq.finish = "length"
             self._hand_over([(live.pop(seq.index), StreamEvent(seq.index, -1, "", "length"))])
             return
         scheduler.add(seq)
-
-    @torch.inference_mode()
-    def _prompt_logprobs(self, ids: list[int], k: int) -> list[TokenLogprobs | None]:
-        """Logprobs of prompt token t+1 given tokens 0..t: one cache-less forward (Model.logits'
-        computation), the logits made PROMPT_LOGITS_ROWS rows at a time."""
-        net, device = self.model.net, self.model.device
-        x = torch.tensor([ids], device=device)
-        hidden = net(x, torch.arange(len(ids), device=device)[None])[0, :-1]
-        out: list[TokenLogprobs | None] = [None]
-        for start in range(0, hidden.shape[0], PROMPT_LOGITS_ROWS):
-            rows = hidden[start:start + PROMPT_LOGITS_ROWS]
-            chosen = x[0, start + 1:start + 1 + rows.shape[0]]
-            out += to_token_logprobs(chosen.tolist(), logprobs_of(net.compute_logits(rows).float(), chosen, k))
-        return self._with_strings(out)
 
     def _with_strings(self, entries):
         for e in entries:
@@ -257,6 +244,8 @@ class Worker:
             return
         now = time.monotonic()
         for req, ev in items:
+            if isinstance(ev, PromptLogprobs):
+                self._with_strings(ev.entries)
             if isinstance(ev, StreamEvent) and ev.token_id >= 0:
                 if ev.logprobs is not None:
                     self._with_strings([ev.logprobs])
