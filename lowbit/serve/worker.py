@@ -9,7 +9,8 @@ while it runs the prompt), as a PromptLogprobs event before its first token.
 The worker is alive from `start` (which returns once the thread runs on the model's device) until
 `stop` or until something outside a decode step fails: then `error` says why, every waiting
 request gets a `WorkerDied`, new ones are refused, and `on_fatal` (the server's shutdown) is called.
-A failed decode step only fails the requests in that batch.
+A failed decode step only fails the requests in that batch (under tensor parallelism, where the
+ranks must agree on every step, it is fatal; lowbit/serve/tp.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from ..errors import LowbitError
 from ..generate import Detokenizer, Scheduler, Sequence, StreamEvent, sampling_generator
 from ..sampling import SamplingParams, SequenceSampler, TokenLogprobs
+from . import tp
 
 log = logging.getLogger("lowbit.serve")
 SEED_MOD = 2**64
@@ -69,7 +71,8 @@ class Request:
 class Worker:
     def __init__(self, model, max_batch: int, max_len: int, metrics=None):
         self.model, self.max_len, self.metrics = model, max_len, metrics
-        self.engine = model.engine(max_batch, max_len)
+        self.engine = tp.engine(model, max_batch, max_len)  # under `serve --tp`, mirrored on every rank
+        self.lockstep = getattr(self.engine, "lockstep", False)
         self.engine.capture(self.engine.buckets)  # CUDA graphs now, not when the batch first grows
         # the thread must run on the model's GPU; "cuda" without an index means the one current now
         dev = model.device
@@ -119,8 +122,8 @@ class Worker:
             if params.seed is not None:  # its own generator: the same draws whatever else runs
                 gen = sampling_generator(self.model.device, params.seed % SEED_MOD)
             else:
-                if self._shared_generator is None:
-                    self._shared_generator = sampling_generator(self.model.device, None)
+                if self._shared_generator is None:  # (seeded here: no rank but this one samples)
+                    self._shared_generator = sampling_generator(self.model.device, int(torch.randint(0, 2**62, ())))
                 gen = self._shared_generator
         detok = Detokenizer(self.model, choice.stop, choice.skip_special_tokens, choice.include_stop) \
             if self.has_tokenizer else None
@@ -152,6 +155,11 @@ class Worker:
                 torch.cuda.set_device(self.cuda_index)  # kernels launch on the current device
             self._ready.set()
             self._serve(live)
+            if self.lockstep:
+                try:
+                    self.engine.stop()  # the other ranks return
+                except RuntimeError as e:  # one is gone already: the launcher names it
+                    log.warning("could not stop the other tensor-parallel ranks: %s", str(e).splitlines()[0][:200])
         except BaseException as e:  # noqa: BLE001 - the thread must report any death
             self._die(e, live)
 
@@ -170,6 +178,8 @@ class Worker:
             try:
                 events = scheduler.step()
             except Exception as e:  # fail the requests in the batch, keep serving
+                if self.lockstep:
+                    raise  # the other ranks ran (or wait in) this step: they can no longer follow
                 log.exception("decode step failed")
                 self._hand_over([(req, e) for req in live.values()])
                 live.clear()
@@ -232,7 +242,12 @@ class Worker:
             self._loop.call_soon_threadsafe(self.on_fatal, self.error)
 
     def _messages(self, wait: bool) -> list:
-        msgs = [self._inbox.get()] if wait else []
+        msgs = []
+        while wait and not msgs:
+            try:
+                msgs.append(self._inbox.get(timeout=tp.PING_S if self.lockstep else None))
+            except queue.Empty:
+                self.engine.ping()  # idle: the other ranks hear that rank 0 is alive
         while True:
             try:
                 msgs.append(self._inbox.get_nowait())
