@@ -1,7 +1,8 @@
-"""`lowbit serve --tp 2` on CPU (two gloo ranks, a real subprocess on loopback, the real `openai`
-client): rank 0 serves and samples, rank 1 follows every step. Greedy and seeded tokens, prompt
-logprobs (echo) and a prefix-cache hit equal tp=1's; a killed rank 1 takes the server down with a
-message naming it, within seconds."""
+"""`lowbit serve --tp 2` (a real subprocess on loopback, the real `openai` client): two gloo ranks
+on CPU, and on a machine with 2 GPUs two NCCL ranks too. Rank 0 serves and samples, rank 1 follows
+every step. Greedy and seeded tokens, prompt logprobs (echo) and a prefix-cache hit equal tp=1's; a
+killed rank 1 takes the server down with a message naming it, within seconds; Ctrl-C stops every
+rank gracefully."""
 from __future__ import annotations
 
 import os
@@ -22,15 +23,14 @@ ARGS = ["--synthetic", "tiny", "--dtype", "float32", "--max-num-seqs", "4", "--m
 PROMPTS = [[5, 6, 7, 8, 9], [100, 3, 77], list(range(10, 50))]  # the last one twice: a prefix-cache hit
 
 
-@pytest.fixture(scope="module")
-def tp1():
-    return synthetic.build("tiny", "bf16", device="cpu", dtype=torch.float32)
+CPU = {"CUDA_VISIBLE_DEVICES": ""}  # gloo ranks even where GPUs are
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))]
 
 
-def start(tp: int):
+def start(tp: int, env: dict = CPU):
     """`lowbit serve --tp` in a subprocess: (process, client, pids of the ranks). The ranks end with it."""
     proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "serve", *ARGS, "--port", "0", "--tp", str(tp)],
-                            stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"} | env)
     try:
         banner = proc.stderr.readline()
         assert banner.startswith("lowbit serve: 'tiny' on http://127.0.0.1:"), banner + proc.stderr.read()
@@ -73,8 +73,10 @@ def alive(pids) -> list[int]:
     return out
 
 
-def test_serve_tp2_equals_tp1_and_a_dead_rank_stops_it(tp1):
-    proc, client, pids = start(2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_serve_tp2_equals_tp1_and_a_dead_rank_stops_it(device):
+    tp1 = synthetic.build("tiny", "bf16", device=device, dtype=torch.float32)
+    proc, client, pids = start(2, CPU if device == "cpu" else {})
     try:
         def greedy(prompt):
             r = client.completions.create(model="tiny", prompt=[prompt], max_tokens=10, temperature=0,
