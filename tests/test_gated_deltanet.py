@@ -131,8 +131,12 @@ def test_reference_matches_transformers():
     q, k, v, g, beta = _rule_inputs(2, 70, 2, 4, 16, 8, "cpu", torch.float32)
     h0 = torch.randn(2, 4, 16, 8)
     o, s = gd.gated_delta_rule_ref(q, k, v, g, beta, initial_state=h0)
+    # transformers >= 5.2x repeats q/k over the value heads inside these functions, older 5.x in the
+    # layer before calling them: hand them repeated heads (consecutive value heads share a q/k head).
+    rep = v.shape[2] // q.shape[2]
+    qr, kr = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
     for fn in (qwen3_5.torch_recurrent_gated_delta_rule, qwen3_5.torch_chunk_gated_delta_rule):
-        o_hf, s_hf = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        o_hf, s_hf = fn(qr, kr, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
         assert rel_err(o, o_hf) < 1e-5 and rel_err(s, s_hf) < 1e-5
 
 

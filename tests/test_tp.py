@@ -296,7 +296,7 @@ def _run_gpu(schemes, seed, ids, prompts, kind=None):
     """Per scheme: logits, and greedy tokens without and with CUDA graphs (NCCL inside the graphs).
     kind: a HYBRID model instead of the Llama "small"."""
     out = {}
-    model, overrides = HYBRID[kind] if kind else ("small", None)
+    model, overrides = SYNTHETIC_MODELS[kind] if kind else ("small", None)
     for s in schemes:
         m = synthetic.build(model, s, lm_head_quant=True, seed=seed, overrides=overrides)
         out[s] = m.logits(ids).float().cpu()
@@ -339,19 +339,28 @@ def test_two_nccl_ranks():
 
 @requires_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("kind", ["qwen3.5-dense", "nemotron-h-dense"])
+@pytest.mark.parametrize("kind", ["qwen3.5-dense", "nemotron-h-dense", "synthetic-moe", "qwen3.5-moe",
+                                  "nemotron-h-moe"])
 def test_two_nccl_ranks_hybrid(kind):
-    """A hybrid model on 2 GPUs (Gated DeltaNet / Mamba2 state caches, their kernels, NCCL inside
-    the decode graphs): logits agree with tp=1 to bf16 rounding; greedy tokens with graphs equal
-    those without."""
+    """A hybrid or MoE model on 2 GPUs (Gated DeltaNet / Mamba2 state caches, experts sharded on
+    their intermediate dimension, their kernels, NCCL inside the decode graphs): logits agree with
+    tp=1 to bf16 rounding; greedy tokens with graphs equal those without."""
     schemes = ["bf16", "nvfp4"]
     seed = random.randrange(2**31)
     ids = torch.randint(3, 500, (2, 19))
     prompts = [torch.randint(3, 500, (n,)).tolist() for n in (4, 21)]
     tp2 = parallel.launch(2, _run_gpu, schemes, seed, ids, prompts, kind, backend="nccl", timeout=240)
     ref = _run_gpu(schemes, seed, ids, prompts, kind)
+    # bf16 rounding of this tiny random hybrid, measured on the same weights computed in fp32: the
+    # recurrent layers carry rounding along the sequence, and the all-reduce's per-rank rounding
+    # (see W8A8_BF16_BOUND) moved the bf16 logits by 2.2-2.3e-2 on 2 H200s. TP may round about as much
+    # as the bf16 model itself does, no more.
+    model, overrides = SYNTHETIC_MODELS[kind]
+    fp32 = synthetic.build(model, "bf16", lm_head_quant=True, seed=seed, overrides=overrides, dtype=torch.float32)
+    floor = rel_err(ref["bf16"], fp32.logits(ids).float().cpu())
     for s in schemes:
-        assert rel_err(tp2[0][s], ref[s]) < 2e-2, s
+        err, bound = rel_err(tp2[0][s], ref[s]), max(2e-2, 1.5 * floor)
+        assert err < bound, (s, err, bound, floor)
         eager, graphs = tp2[0][s, "graphs"]
         assert tp2[0][s, "captured"][0], tp2[0][s, "captured"][1]
         assert eager == graphs, s

@@ -120,8 +120,15 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << max(0, (n - 1).bit_length()))
 
 
+# The chunk kernel's dots for bf16/fp16 inputs. The reference (transformers' rule) runs in fp32 whatever
+# the model dtype, and the chunk's triangular solve chains its dots, so plain tf32 (10-bit inputs) can
+# drift from it; "tf32x3" splits each operand into two tf32 parts (about fp32 accuracy, 3 MMAs).
+# fp32 inputs always use "ieee".
+HALF_PRECISION = "tf32x3"
+
+
 def _precision(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    return "ieee" if x.dtype == torch.float32 else HALF_PRECISION
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, use_qk_l2norm=True):
