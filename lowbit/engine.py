@@ -162,14 +162,15 @@ class Engine:
             self.cache.block_tables[r, c] = self._host(vals).to(self.device, torch.int32, non_blocking=True)
 
     # ------------------------------------------------------------------ steps
-    def begin(self, slot: int, ids: list[int]) -> int:
+    def begin(self, slot: int, ids: list[int], cached: bool = True) -> int:
         """Start the prompt `ids` in the empty `slot`: take the cached blocks of its longest cached
-        prefix (prefix caching) and return how many leading tokens need no computing."""
+        prefix (prefix caching) and return how many leading tokens need no computing. cached=False:
+        compute every token (a prompt whose logprobs are wanted needs the hidden state of each)."""
         if self.lengths[slot] or self._prompt.get(slot):
             raise LowbitError(f"slot {slot} already holds a sequence; release it first")
         if len(ids) + 1 > self.max_len:
             raise LowbitError(f"a prompt of {len(ids)} tokens does not fit a KV cache of {self.max_len} positions")
-        hit = self.blocks.match(slot, ids)
+        hit = self.blocks.match(slot, ids) if cached else 0
         if hit:
             table = self.blocks.tables[slot]
             self._set_table([slot] * len(table), list(range(len(table))), table)
@@ -190,10 +191,13 @@ class Engine:
 
     @torch.inference_mode()
     def extend(self, slot: int, ids: list[int], params: SamplingParams | None = None, generator=None,
-               sample_next: bool = True) -> Tokens | None:
+               sample_next: bool = True, on_hidden=None) -> Tokens | None:
         """Run the tokens `ids` into `slot` after the positions it already holds (a prompt chunk) and,
-        if sample_next (the prompt's last chunk), sample the next token from the last one's logits."""
+        if sample_next (the prompt's last chunk), sample the next token from the last one's logits.
+        on_hidden: called with the chunk's hidden states [1, T, hidden] (prompt logprobs are made so)."""
         hidden = self._run_chunk(slot, ids, reserve=1 if sample_next else 0)
+        if on_hidden is not None:
+            on_hidden(hidden)
         if not sample_next:
             return None
         tok = sample(self.net.compute_logits(hidden[:, -1]).float(), params or SamplingParams(), generator)

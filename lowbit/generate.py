@@ -9,6 +9,12 @@ come and go.
 The host never waits for the step it just launched: step t+1 is launched before the tokens of
 step t are read, so detokenizing, stop strings and streaming overlap the GPU. A sequence found
 finished at step t has already been given step t+1, whose token is dropped.
+
+Prompt logprobs (the server's `echo` with `logprobs`) come out of the prefill itself: a sequence
+with `prompt_logprobs` set has the logits of its prompt rows made from each chunk's hidden states
+(`PromptRows`, a bounded block of rows at a time) and bypasses the prefix cache (a cached prefix has
+no hidden states to make them from); they ride on its first event. max_new_tokens=0 with
+prompt_logprobs: the prompt is prefilled and nothing is sampled.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,8 +22,12 @@ from dataclasses import dataclass, field
 import torch
 
 from . import parallel
+from .engine import Tokens
 from .errors import LowbitError
-from .sampling import SamplingParams, SequenceSampler, TokenLogprobs, sampling_key
+from .sampling import (SamplingParams, SequenceSampler, TokenLogprobs, _to_host, logprobs_of, sampling_key,
+                       to_token_logprobs)
+
+PROMPT_LOGITS_ROWS = 512  # prompt logprobs: rows of logits made at once (a [rows, V] float32 block)
 
 
 @dataclass
@@ -35,6 +45,29 @@ class StreamEvent:
     text: str  # new text since the previous event of this prompt ("" if held back or no tokenizer)
     finish_reason: str | None  # set on the last event of a prompt
     logprobs: TokenLogprobs | None = None  # when the sequence's SamplingParams ask for them
+    # on a sequence's first event when it asked for them: one entry per prompt token (None for the first)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+class PromptRows:
+    """The prompt logprobs one prefill chunk yields: row i of the chunk's hidden states predicts
+    `chosen[i]`. Called with the hidden states (Engine.extend's on_hidden), it makes their logits
+    PROMPT_LOGITS_ROWS rows at a time and copies the logprobs (with the top k) to the host without
+    a sync; `entries` reads them once the step's tokens are read back."""
+
+    def __init__(self, net, k: int, chosen: list[int]):
+        self.net, self.k, self.chosen = net, k, chosen
+        self.parts: list = []
+
+    def __call__(self, hidden: torch.Tensor) -> None:
+        for start in range(0, len(self.chosen), PROMPT_LOGITS_ROWS):
+            ids = self.chosen[start:start + PROMPT_LOGITS_ROWS]
+            logits = self.net.compute_logits(hidden[0, start:start + len(ids)]).float()
+            parts = logprobs_of(logits, torch.tensor(ids, device=hidden.device), self.k)
+            self.parts.append((ids, [_to_host(t) for t in parts]))
+
+    def entries(self) -> list[TokenLogprobs]:
+        return [e for ids, parts in self.parts for e in to_token_logprobs(ids, parts)]
 
 
 class Detokenizer:
@@ -101,6 +134,31 @@ class Sequence:
     min_tokens: int = 0  # no stop string is looked for before this many tokens (EOS and stop_ids are
     # kept from being sampled by the sampler)
     sampler: SequenceSampler | None = None  # per-sequence sampling state (penalties, logprobs, min_tokens)
+    prompt_logprobs: int | None = None  # report the prompt's logprobs with this many alternatives (echo)
+    prompt_rows: list[PromptRows] | None = None  # what the prefill made of them so far; None once reported
+
+    def __post_init__(self):
+        if self.prompt_logprobs is not None:
+            self.prompt_rows = []
+
+    def rows_of_chunk(self, net, end: int) -> PromptRows | None:
+        """The prompt logprobs the chunk feed[done:end] yields (rows predicting a prompt token)."""
+        if self.prompt_rows is None:
+            return None
+        chosen = self.prompt[self.done + 1:min(end, len(self.prompt) - 1) + 1]
+        if not chosen:
+            return None
+        rows = PromptRows(net, self.prompt_logprobs, chosen)
+        self.prompt_rows.append(rows)
+        return rows
+
+    def take_prompt_logprobs(self) -> list[TokenLogprobs | None] | None:
+        """The prompt's logprobs, once (with the sequence's first event)."""
+        if self.prompt_rows is None:
+            return None
+        out = [None] + [e for rows in self.prompt_rows for e in rows.entries()]
+        self.prompt_rows = None
+        return out
 
     @property
     def sampling(self) -> SamplingParams | SequenceSampler:
@@ -202,13 +260,15 @@ class Scheduler:
             if budget is not None and n > budget and ran:
                 break
             last = end == len(s.feed)
-            toks = engine.extend(s.slot, s.feed[s.done:end], s.sampling, s.generator, sample_next=last)
+            sample_next = last and s.max_new_tokens > 0  # 0: only the prompt's logprobs
+            toks = engine.extend(s.slot, s.feed[s.done:end], s.sampling, s.generator, sample_next=sample_next,
+                                 on_hidden=s.rows_of_chunk(engine.net, end))
             s.done, ran = end, True
             if budget is not None:
                 budget -= n
             if last:
                 s.pending += 1
-                launched.append(([s], toks))
+                launched.append(([s], toks if sample_next else Tokens(torch.full((1,), -1, device=engine.device))))
         # 3. read back the previous step's tokens (the GPU is busy with this step meanwhile)
         events += self._read()
         self._inflight = launched
@@ -227,7 +287,7 @@ class Scheduler:
             if engine.blocks.blocks_for(len(feed)) > engine.free_blocks:  # (a cached prefix may need fewer)
                 return
             slot = engine.acquire()
-            hit = engine.begin(slot, feed)
+            hit = engine.begin(slot, feed, cached=s.prompt_rows is None)
             if engine.blocks_needed(slot, len(feed)) > engine.free_blocks:
                 engine.release(slot)
                 return
@@ -241,9 +301,16 @@ class Scheduler:
         for batch, toks in self._inflight:
             for s, tok in zip(batch, toks.get()):
                 s.pending -= 1
+                if tok < 0:  # a prompt-only sequence: its prompt's logprobs, and it is done
+                    if s.finish is None:
+                        s.finish = "length"
+                        events.append(StreamEvent(s.index, -1, "", "length", None, s.take_prompt_logprobs()))
+                    continue
                 lp = s.sampler.take_logprobs() if s.sampler else None  # one per token read, emitted or not
                 if s.finish is None:
-                    events.append(s.emit(tok, lp))
+                    ev = s.emit(tok, lp)
+                    ev.prompt_logprobs = s.take_prompt_logprobs()
+                    events.append(ev)
         self._inflight = []
         return events
 
@@ -254,6 +321,8 @@ class Scheduler:
     def _preempt(self, s: Sequence) -> None:
         self._release(s)
         self.preemptions += 1
+        if s.prompt_rows is not None:  # not reported yet: made again from the recomputed prefill
+            s.prompt_rows = []
         if s.finish is None:
             self.waiting.appendleft(s)
 

@@ -78,6 +78,77 @@ def test_echo_with_prompt_logprobs(client, ref):
     assert "".join(ch.choices[0].text for ch in chunks) == PROMPT + whole.choices[0].text
 
 
+def _count_fed_tokens(net, monkeypatch) -> list[int]:
+    """Every forward of `net` appends how many tokens it was fed."""
+    fed, forward = [], net.forward
+    monkeypatch.setattr(net, "forward", lambda x, *a, **k: (fed.append(x.numel()), forward(x, *a, **k))[1])
+    return fed
+
+
+def test_echo_logprobs_come_from_the_prefill_and_bypass_a_cached_prefix(server, client, ref, monkeypatch):
+    """Prompt logprobs are made by the prefill forward itself (no second forward over the prompt: the
+    model is fed exactly the prompt, plus one token per decode step), and a prompt whose prefix is in
+    the prefix cache still gets the logprobs of every token: an echo request computes its whole
+    prompt (the cache is bypassed for it, not hit), and registers its blocks for later requests."""
+    service = server[1]
+    engine = service.worker.engine
+    fed = _count_fed_tokens(service.worker.model.net, monkeypatch)
+    prompt = (ref.encode(PROMPT) * 20)[:61]  # 3 full blocks of 16 and more
+    client.completions.create(model="tiny-chat", prompt=[prompt[:50]], max_tokens=1, temperature=0)  # cached now
+    assert fed == [50]
+    lp = logprobs_ref(ref, prompt)
+    for max_tokens in (0, 1, 3):
+        fed.clear()
+        hits = engine.prefix_cache_stats()["hit_blocks"]
+        r = client.completions.create(model="tiny-chat", prompt=[prompt], max_tokens=max_tokens, temperature=0,
+                                      logprobs=2, echo=True, extra_body={"ignore_eos": True})
+        assert sum(fed) == len(prompt) + max(0, max_tokens - 1), fed  # one prefill, then decode steps
+        assert engine.prefix_cache_stats()["hit_blocks"] == hits  # bypassed
+        got = r.choices[0].logprobs.token_logprobs
+        assert got[0] is None and len(got) == len(prompt) + max_tokens
+        assert got[1:len(prompt)] == pytest.approx([float(lp[t - 1, prompt[t]]) for t in range(1, len(prompt))],
+                                                   abs=1e-4)
+        assert all(1 <= len(top) <= 3 for top in r.choices[0].logprobs.top_logprobs[1:])  # by string: may merge
+    fed.clear()  # the echo requests' blocks serve a plain request with the same prompt
+    client.completions.create(model="tiny-chat", prompt=[prompt], max_tokens=1, temperature=0)
+    assert sum(fed) < len(prompt) and engine.prefix_cache_stats()["hit_blocks"] > hits
+
+
+def test_prompt_logprobs_over_prefill_chunks_row_blocks_and_a_preemption(ref, monkeypatch):
+    """The Scheduler alone: a prompt prefilled in chunks of 8 under a budget of 12 tokens, its logits
+    made 3 rows at a time, and a preemption in the middle of its prefill (the logprobs are made again
+    from the recomputed prefill): the logprobs equal log_softmax(Model.logits), reported once."""
+    from lowbit import generate
+    from lowbit.engine import Engine
+    from lowbit.generate import Scheduler, Sequence
+    from lowbit.sampling import SamplingParams
+
+    monkeypatch.setattr(generate, "PROMPT_LOGITS_ROWS", 3)
+    prompt = (ref.encode(PROMPT) * 10)[:29]
+    lp = logprobs_ref(ref, prompt)
+    want = [float(lp[t - 1, prompt[t]]) for t in range(1, len(prompt))]
+    for preempt in (False, True):
+        sched = Scheduler(Engine(ref, 2, 64), token_budget=12, chunk_size=8)
+        seqs = [Sequence(i, prompt, SamplingParams(), n, set(), prompt_logprobs=1) for i, n in enumerate((0, 2))]
+        for s in seqs:
+            sched.add(s)
+        events, steps = [], 0
+        while sched.busy:
+            events += sched.step()
+            steps += 1
+            if preempt and steps == 2:
+                assert seqs[1].done < len(prompt)  # in the middle of its prefill
+                sched._preempt(seqs[1])
+        assert sched.preemptions == int(preempt)
+        for s in seqs:
+            mine = [e for e in events if e.index == s.index]
+            assert len(mine) == max(1, s.max_new_tokens) and mine[-1].finish_reason == "length"
+            entries = mine[0].prompt_logprobs
+            assert entries[0] is None and [e.token_id for e in entries[1:]] == prompt[1:]
+            assert [e.logprob for e in entries[1:]] == pytest.approx(want, abs=1e-4)
+            assert all(len(e.top) == 1 for e in entries[1:]) and all(e.prompt_logprobs is None for e in mine[1:])
+
+
 def test_chat_logprobs(client, ref):
     messages = [{"role": "user", "content": "Hello"}]
     r = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=4, temperature=0,

@@ -1,4 +1,6 @@
-"""`lowbit serve PATH | --synthetic NAME --scheme S`: an OpenAI-compatible HTTP server (lowbit/serve/)."""
+"""`lowbit serve PATH | --synthetic NAME --scheme S`: an OpenAI-compatible HTTP server (lowbit/serve/).
+With --tp N, N ranks are spawned (one GPU each; gloo processes on CPU): rank 0 serves HTTP and
+every rank computes (lowbit/serve/tp.py)."""
 from __future__ import annotations
 
 import os
@@ -31,6 +33,8 @@ def register(sub):
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (default: "
                         "$LOWBIT_API_KEY)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template replacing the tokenizer's")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (one GPU each): rank 0 serves HTTP, every rank computes each step")
     add_load_options(p)
     p.set_defaults(func=run)
 
@@ -45,45 +49,83 @@ def run(args) -> int:
     if (args.max_queue is not None and args.max_queue < 0) or args.max_body_bytes < 1 or \
             (args.request_timeout is not None and args.request_timeout <= 0):
         raise LowbitError("--max-queue must be >= 0, --max-body-bytes >= 1 and --request-timeout > 0")
-    template = None
+    if args.tp < 1:
+        raise LowbitError("--tp must be >= 1")
+    args.template = None
     if args.chat_template:
         try:
-            template = Path(args.chat_template).read_text()
+            args.template = Path(args.chat_template).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise LowbitError(f"cannot read the chat template {args.chat_template}: {e}") from None
     try:
-        import uvicorn
-
-        from ..serve import create_app
+        import fastapi  # noqa: F401  (what lowbit.serve needs; imported there)
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise LowbitError(f"lowbit serve needs fastapi, uvicorn and prometheus-client ({e}): "
                           f"pip install 'lowbit[serve]'") from None
     with _listen(args.host, args.port) as sock:  # before loading: a taken port fails at once, not after the load
-        model = _load(args)
-        died = []
-        server = None
+        if args.tp > 1:
+            from ..serve import tp
 
-        def on_fatal(error: str) -> None:  # the worker is gone: stop serving rather than answer nothing
-            died.append(error)
-            server.should_exit = True
+            return tp.launch(args.tp, _on_rank, vars(args), sock)
+        return _serve(args, sock, _load(args))
 
-        app = create_app(model, args.served_model_name or (None if args.path else args.synthetic), args.max_batch,
-                         args.max_len, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                         request_timeout=args.request_timeout, api_key=args.api_key, chat_template=template,
-                         on_fatal=on_fatal)
-        service = app.state.service
-        print(f"lowbit serve: '{service.name}' on http://{args.host}:{sock.getsockname()[1]}/v1 "
-              f"({args.max_batch} slots of {service.max_len} positions)", file=sys.stderr, flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
-        try:
-            server.run(sockets=[sock])
-        except SystemExit:  # uvicorn's way out of a failed start-up (logged above)
-            pass
-        error = died[0] if died else service.worker.error
-        if error is not None:
-            raise LowbitError(f"the model worker died, so the server stopped: {error}")
-        if not server.started:
-            raise LowbitError("the server did not start (see the log above)")
+
+def _on_rank(opts: dict, sock: socket.socket) -> int:
+    """One rank of `serve --tp`: rank 0 serves (and leads), the others follow its steps."""
+    import argparse
+
+    from .. import parallel
+    from ..serve import tp
+
+    args = argparse.Namespace(**opts)
+    os.setpgrp()  # a Ctrl-C at the terminal reaches the parent alone, which passes it on once (tp.launch)
+    tp.join()
+    model = _load(args)
+    if parallel.current()[0] != 0:
+        sock.close()
+        tp.follow(model)
+        return 0
+    try:
+        return _serve(args, sock, model)
+    except KeyboardInterrupt:  # uvicorn's graceful shutdown on Ctrl-C is done; the parent exits 130
+        return 130
+
+
+def _serve(args, sock: socket.socket, model) -> int:
+    """Serve `model` on the listening socket until the server stops."""
+    import uvicorn
+
+    from ..errors import LowbitError
+    from ..serve import create_app, tp
+
+    died = []
+    server = None
+
+    def on_fatal(error: str) -> None:  # the worker is gone: stop serving rather than answer nothing
+        died.append(error)
+        server.should_exit = True
+
+    app = create_app(model, args.served_model_name or (None if args.path else args.synthetic), args.max_batch,
+                     args.max_len, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                     request_timeout=args.request_timeout, api_key=args.api_key, chat_template=args.template,
+                     on_fatal=on_fatal)
+    service = app.state.service
+    print(f"lowbit serve: '{service.name}' on http://{args.host}:{sock.getsockname()[1]}/v1 "
+          f"({args.max_batch} slots of {service.max_len} positions{tp.describe()})", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's way out of a failed start-up (logged above)
+        pass
+    finally:  # a forced exit (a second Ctrl-C) skips the app's shutdown: the worker (and the ranks) stop here
+        service.worker.stop()
+    error = died[0] if died else service.worker.error
+    if error is not None:
+        raise LowbitError(f"the model worker died, so the server stopped: {error}")
+    if not server.started:
+        raise LowbitError("the server did not start (see the log above)")
     return 0
 
 

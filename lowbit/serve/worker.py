@@ -2,12 +2,15 @@
 `Scheduler` (lowbit/generate.py, the loop `Model.generate` runs too), so requests share the
 engine's running batch: they join it when a KV-cache slot is free and leave it at EOS, a stop
 string or token, max_tokens, or when their client goes away. Events go back to the event loop, one
-hand-over per step; token strings for logprobs are made here too, off the event loop.
+hand-over per step; token strings for logprobs are made here too, off the event loop. A choice
+that asks for its prompt's logprobs (echo) gets them from its own prefill (the Scheduler makes them
+while it runs the prompt), as a PromptLogprobs event before its first token.
 
 The worker is alive from `start` (which returns once the thread runs on the model's device) until
 `stop` or until something outside a decode step fails: then `error` says why, every waiting
 request gets a `WorkerDied`, new ones are refused, and `on_fatal` (the server's shutdown) is called.
-A failed decode step only fails the requests in that batch.
+A failed decode step only fails the requests in that batch (under tensor parallelism, where the
+ranks must agree on every step, it is fatal; lowbit/serve/tp.py).
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ import torch
 
 from ..errors import LowbitError
 from ..generate import Detokenizer, Scheduler, Sequence, StreamEvent, sampling_generator
-from ..sampling import SamplingParams, SequenceSampler, TokenLogprobs, logprobs_of, to_token_logprobs
+from ..sampling import SamplingParams, SequenceSampler, TokenLogprobs
+from . import tp
 
 log = logging.getLogger("lowbit.serve")
 SEED_MOD = 2**64
-PROMPT_LOGITS_ROWS = 512  # prompt logprobs: rows of logits made at once (a [T, V] float32 block)
 
 
 class WorkerDied(RuntimeError):
@@ -68,7 +71,8 @@ class Request:
 class Worker:
     def __init__(self, model, max_batch: int, max_len: int, metrics=None):
         self.model, self.max_len, self.metrics = model, max_len, metrics
-        self.engine = model.engine(max_batch, max_len)
+        self.engine = tp.engine(model, max_batch, max_len)  # under `serve --tp`, mirrored on every rank
+        self.lockstep = getattr(self.engine, "lockstep", False)
         self.engine.capture(self.engine.buckets)  # CUDA graphs now, not when the batch first grows
         # the thread must run on the model's GPU; "cuda" without an index means the one current now
         dev = model.device
@@ -118,8 +122,8 @@ class Worker:
             if params.seed is not None:  # its own generator: the same draws whatever else runs
                 gen = sampling_generator(self.model.device, params.seed % SEED_MOD)
             else:
-                if self._shared_generator is None:
-                    self._shared_generator = sampling_generator(self.model.device, None)
+                if self._shared_generator is None:  # (seeded here: no rank but this one samples)
+                    self._shared_generator = sampling_generator(self.model.device, int(torch.randint(0, 2**62, ())))
                 gen = self._shared_generator
         detok = Detokenizer(self.model, choice.stop, choice.skip_special_tokens, choice.include_stop) \
             if self.has_tokenizer else None
@@ -127,7 +131,8 @@ class Worker:
         stop_ids = set(choice.stop_token_ids)
         sampler = SequenceSampler(params, choice.prompt, eos | stop_ids) if params.stateful else None
         seq = Sequence(next(self._ids), choice.prompt, params, choice.max_new_tokens, eos, detok, gen,
-                       stop_ids=stop_ids, min_tokens=params.min_tokens, sampler=sampler)
+                       stop_ids=stop_ids, min_tokens=params.min_tokens, sampler=sampler,
+                       prompt_logprobs=choice.prompt_logprobs)
         req = Request(seq, choice, sink, index, arrival)
         with self._lock:
             if not self.alive:
@@ -150,6 +155,11 @@ class Worker:
                 torch.cuda.set_device(self.cuda_index)  # kernels launch on the current device
             self._ready.set()
             self._serve(live)
+            if self.lockstep:
+                try:
+                    self.engine.stop()  # the other ranks return
+                except RuntimeError as e:  # one is gone already: the launcher names it
+                    log.warning("could not stop the other tensor-parallel ranks: %s", str(e).splitlines()[0][:200])
         except BaseException as e:  # noqa: BLE001 - the thread must report any death
             self._die(e, live)
 
@@ -168,6 +178,8 @@ class Worker:
             try:
                 events = scheduler.step()
             except Exception as e:  # fail the requests in the batch, keep serving
+                if self.lockstep:
+                    raise  # the other ranks ran (or wait in) this step: they can no longer follow
                 log.exception("decode step failed")
                 self._hand_over([(req, e) for req in live.values()])
                 live.clear()
@@ -177,37 +189,22 @@ class Worker:
             self.waiting, self.running = len(scheduler.waiting), len(scheduler.running)
             if self.metrics is not None:
                 self.metrics.scheduler(self.waiting, self.running, self.engine)
-            self._hand_over([(live.pop(ev.index) if ev.finish_reason else live[ev.index], ev) for ev in events])
+            items = []
+            for ev in events:
+                req = live.pop(ev.index) if ev.finish_reason else live[ev.index]
+                if ev.prompt_logprobs is not None:
+                    items.append((req, PromptLogprobs(ev.prompt_logprobs)))
+                items.append((req, ev))
+            self._hand_over(items)
 
     def _admit(self, req: Request, scheduler: Scheduler, live: dict[int, Request]) -> None:
         choice, seq = req.choice, req.seq
         live[seq.index] = req  # from here on, a death of the thread fails it
-        try:
-            if choice.prompt_logprobs is not None:
-                self._hand_over([(req, PromptLogprobs(self._prompt_logprobs(choice.prompt, choice.prompt_logprobs)))])
-        except Exception as e:
-            log.exception("prompt logprobs failed")
-            self._hand_over([(live.pop(seq.index), e)])
-            return
-        if choice.max_new_tokens == 0:  # echo only
+        if choice.max_new_tokens == 0 and choice.prompt_logprobs is None:  # echo only: nothing to compute
             seq.finish = "length"
             self._hand_over([(live.pop(seq.index), StreamEvent(seq.index, -1, "", "length"))])
             return
         scheduler.add(seq)
-
-    @torch.inference_mode()
-    def _prompt_logprobs(self, ids: list[int], k: int) -> list[TokenLogprobs | None]:
-        """Logprobs of prompt token t+1 given tokens 0..t: one cache-less forward (Model.logits'
-        computation), the logits made PROMPT_LOGITS_ROWS rows at a time."""
-        net, device = self.model.net, self.model.device
-        x = torch.tensor([ids], device=device)
-        hidden = net(x, torch.arange(len(ids), device=device)[None])[0, :-1]
-        out: list[TokenLogprobs | None] = [None]
-        for start in range(0, hidden.shape[0], PROMPT_LOGITS_ROWS):
-            rows = hidden[start:start + PROMPT_LOGITS_ROWS]
-            chosen = x[0, start + 1:start + 1 + rows.shape[0]]
-            out += to_token_logprobs(chosen.tolist(), logprobs_of(net.compute_logits(rows).float(), chosen, k))
-        return self._with_strings(out)
 
     def _with_strings(self, entries):
         for e in entries:
@@ -245,7 +242,12 @@ class Worker:
             self._loop.call_soon_threadsafe(self.on_fatal, self.error)
 
     def _messages(self, wait: bool) -> list:
-        msgs = [self._inbox.get()] if wait else []
+        msgs = []
+        while wait and not msgs:
+            try:
+                msgs.append(self._inbox.get(timeout=tp.PING_S if self.lockstep else None))
+            except queue.Empty:
+                self.engine.ping()  # idle: the other ranks hear that rank 0 is alive
         while True:
             try:
                 msgs.append(self._inbox.get_nowait())
@@ -257,6 +259,8 @@ class Worker:
             return
         now = time.monotonic()
         for req, ev in items:
+            if isinstance(ev, PromptLogprobs):
+                self._with_strings(ev.entries)
             if isinstance(ev, StreamEvent) and ev.token_id >= 0:
                 if ev.logprobs is not None:
                     self._with_strings([ev.logprobs])
