@@ -30,6 +30,10 @@ class Model:
         self.device, self.dtype, self.options = device, dtype, options
         self._tokenizer = None
         self._engine = None
+        if options.batch_invariant:
+            from .kernels import invariance
+
+            invariance.set_enabled(True)
 
     def engine(self, slots: int, max_len: int, cuda_graphs: bool | None = None, **cache):
         """The decode engine (lowbit.engine.Engine), kept while it has enough slots and length and the
@@ -150,8 +154,11 @@ def resolve_device(device, tp_size: int = 1) -> torch.device:
 
 
 def load(path, device=None, dtype=None, activation_quant: str = "auto", kv_cache: str = "auto",
-         trust_tensors: bool = False, use_kernels: bool = True, progress: bool = True) -> Model:
+         trust_tensors: bool = False, use_kernels: bool = True, progress: bool = True,
+         batch_invariant: bool = False) -> Model:
     """Load a checkpoint directory. device: default cuda when available; dtype: default the checkpoint's.
+    batch_invariant: a row's logits do not depend on the rest of the batch on the GPU either (fixed
+    GEMM tilings, at some speed; lowbit/kernels/invariance.py); it turns the process-wide mode on.
 
     Inside a tensor-parallel group (lowbit.parallel.launch, torchrun) each rank loads its shard."""
     path = Path(path)
@@ -159,7 +166,7 @@ def load(path, device=None, dtype=None, activation_quant: str = "auto", kv_cache
     tp_rank, tp_size = parallel.current()
     device = resolve_device(device, tp_size)
     options = RunOptions(activation_quant=activation_quant, kv_cache=kv_cache, use_kernels=use_kernels,
-                         trust_tensors=trust_tensors)
+                         trust_tensors=trust_tensors, batch_invariant=batch_invariant)
     plan = resolve(ckpt, trust_tensors=trust_tensors)
     dtype = parse_dtype(dtype) or plan.model.dtype
     net, report = load_model(ckpt, plan, device, dtype, options, tp_rank, tp_size, progress=progress and tp_rank == 0)

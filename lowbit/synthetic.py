@@ -164,16 +164,17 @@ def _modules(slot) -> list[list[tuple[str, int | None]]]:
 
 def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, device=None,
           dtype: torch.dtype = torch.bfloat16, seed: int = 0, kv_cache: str = "auto",
-          activation_quant: str = "auto", use_kernels: bool = True, overrides: dict | None = None) -> Model:
+          activation_quant: str = "auto", use_kernels: bool = True, overrides: dict | None = None,
+          batch_invariant: bool = False) -> Model:
     """A random-weight model of CONFIGS[name]'s shapes in `scheme` (bf16 or see SCHEMES).
 
     kv_cache='fp8' gives it an FP8 KV cache with synthetic scales; inside a tensor-parallel group
-    each rank builds its shard."""
+    each rank builds its shard. batch_invariant: as lowbit.load's."""
     cfg = parse_model_config(model_config(name, overrides), where=f"--synthetic {name}")
     sch = parse_scheme(scheme)
     tp_rank, tp_size = parallel.current()
     device = resolve_device(device, tp_size)
-    options = RunOptions(activation_quant=activation_quant, use_kernels=use_kernels)
+    options = RunOptions(activation_quant=activation_quant, use_kernels=use_kernels, batch_invariant=batch_invariant)
     plan = _plan(cfg, sch, lm_head_quant)
     model, linears, targets, plain = build_model(plan, device, dtype, options, tp_rank, tp_size)
     report = LoadReport(notes=[f"synthetic {name}: random weights (std {WEIGHT_STD}), {sch.label()}"

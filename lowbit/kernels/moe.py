@@ -37,12 +37,12 @@ import triton
 import triton.language as tl
 
 from . import dequant as dq
+from . import invariance
 from .act_quant import _round_e4m3, quant_rows
 from .moe_ref import Routing, align_ref, grouped_gemm_ref, max_blocks, route_ref  # noqa: F401 (re-exported)
-from .gemm import (FMT_FP8, FMT_I8, FMT_INT4, FMT_INT8, FMT_NVFP4, Tiles, _dot, interpreting,
+from .gemm import (FMT_FLOAT, FMT_FP8, FMT_I8, FMT_INT4, FMT_INT8, FMT_NVFP4, Tiles, _dot, interpreting,
                    scaled_weight_tile)
 
-FMT_FLOAT = 5  # unquantized bf16/fp16 stack, used as stored
 SCALE_ELEMENT, SCALE_TILE, SCALE_NONE, SCALE_BLOCK = 0, 1, 2, 3
 XQ_NONE, XQ_GIVEN, XQ_STATIC = 0, 1, 2  # activations: as they are / quantized before / in the kernel
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "relu2": 2}
@@ -205,6 +205,8 @@ class StackOperands:
 
 def pick_block_m(pairs: int, num_experts: int) -> int:
     """Rows per block from the expected pairs per active expert (decode: 16, the MMA's minimum)."""
+    if invariance.enabled():  # a token's block size may not depend on how many share its expert
+        return invariance.MOE_BLOCK_M
     per_expert = pairs / max(1, min(pairs, num_experts))
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
 
@@ -432,7 +434,7 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     a = act_and_mul(h, activation, gated)
     y = grouped_gemm(a, down, sorted_ids, block_expert, num_padded, 1, pairs, bm,
                      routed_weights=topk_weights.reshape(-1).float().contiguous())
-    return y.view(t, k, y.shape[1]).sum(dim=1)
+    return invariance.ordered_sum(y.view(t, k, y.shape[1]), dim=1)
 
 
 # ---------------------------------------------------------------- the stacked-experts unit's hook

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import dequant as dq
+from . import invariance
 from .gemm import Tiles, _dot, _sm_count, _splitk_reduce_kernel, interpreting, tile_coords
 
 CHUNK = 128  # K elements per 16 planar words
@@ -242,6 +243,7 @@ def pick_tiles(m: int, n: int, k: int, device: torch.device, nvfp4: bool = True)
     registers and 2 stages instead: 10 CTAs per SM instead of 8, and twice the K split. Measured on
     an H200 (docs/kernel-notes.md): qkv -5%, down -9%, o +5%; gate_up (12% slower) and lm_head
     (7% slower) keep the default; NVFP4 needs its registers (slower capped at every shape)."""
+    m = invariance.tiles_m(m)  # the batch-invariant mode: M = 1's tiles for every M
     sms, chunks = _sm_count(device), triton.cdiv(k, CHUNK)
     if m <= 16:
         t = Tiles(16, 64, CHUNK, warps=2, stages=4)
@@ -275,7 +277,7 @@ def w4_linear(x: torch.Tensor, planar: torch.Tensor, nvfp4: bool, k: int, scale:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, n = x2.shape[0], planar.shape[0]
-    if m >= (dense_min_m or DENSE_MIN_M[nvfp4]):
+    if m >= (dense_min_m or DENSE_MIN_M[nvfp4]) and invariance.m_dependent_paths():
         w = dense_weight(planar, nvfp4, k, scale, zero, group, row_scale, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
