@@ -6,6 +6,8 @@ reads (weights, and the KV cache at the mean context) and the bandwidth that ach
 the device-to-device copy bandwidth measured here, peak GPU memory while loading and while running,
 and the model's memory against its on-disk bytes. --compare-hf times transformers in bf16 on the same shapes in the same process.
 Prints a table, or JSON with --json. --tp N runs N tensor-parallel ranks (rank 0 reports).
+--batch-invariant measures prefill and decode again with the batch-invariant mode on (lowbit/kernels/
+invariance.py) and reports each rate beside the default's.
 """
 from __future__ import annotations
 
