@@ -33,6 +33,7 @@ class Model:
         if options.batch_invariant:
             from .kernels import invariance
 
+            invariance.check_model(plan, parallel.current()[1])
             invariance.set_enabled(True)
 
     def engine(self, slots: int, max_len: int, cuda_graphs: bool | None = None, **cache):

@@ -123,3 +123,19 @@ def test_bench_measures_both_modes(capsys):
     assert not invariance.enabled()  # bench leaves the process as it found it
     table = format_table(r)
     assert "batch-invariant mode" in table and len(re.findall(r"decode b\d", table)) == 2
+
+
+def test_what_the_mode_cannot_hold_is_refused():
+    from types import SimpleNamespace
+
+    from lowbit.errors import ConfigError
+    from lowbit.quant.scheme import Scheme
+
+    def plan(**scheme):
+        return SimpleNamespace(layers={"model.layers.3.mlp.down_proj": SimpleNamespace(scheme=Scheme(**scheme))})
+
+    invariance.check_model(plan(weight="fp8", activation="fp8", act_dynamic=True, act_granularity="token"), 1)
+    with pytest.raises(ConfigError, match="model.layers.3.mlp.down_proj quantize activations with one dynamic scale"):
+        invariance.check_model(plan(weight="fp8", activation="fp8", act_dynamic=True, act_granularity="tensor"), 1)
+    with pytest.raises(ConfigError, match="not with tensor parallelism"):
+        invariance.check_model(plan(weight="bf16"), 2)

@@ -57,6 +57,24 @@ def scope(on: bool = True):
         set_enabled(before)
 
 
+def check_model(plan, tp_size: int) -> None:
+    """Refuse what the mode cannot make batch-invariant: activations quantized with one dynamic
+    scale per tensor (its amax spans every row of the batch), and tensor parallelism (NCCL picks
+    its all-reduce algorithm by message size, hence by M). plan: the model's QuantPlan."""
+    from ..errors import ConfigError
+
+    if tp_size > 1:
+        raise ConfigError(f"batch-invariant mode: not with tensor parallelism (tp={tp_size}: the all-reduce's "
+                          f"summation order depends on the batch size); run with one rank or without the mode")
+    shared = sorted(n for n, lp in plan.layers.items()
+                    if lp.scheme.act_dynamic and lp.scheme.act_granularity == "tensor")
+    if shared:
+        more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+        raise ConfigError(f"batch-invariant mode: {shared[0]}{more} quantize activations with one dynamic scale "
+                          f"per tensor, computed over the whole batch, so no row is independent of the others; "
+                          f"load without batch_invariant (--batch-invariant), or use per-token or static scales")
+
+
 def tiles_m(m: int) -> int:
     """The token count a pick_tiles function sizes its tiles and K split for: m, or 1 in the mode."""
     return 1 if _enabled else m
