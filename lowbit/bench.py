@@ -37,7 +37,10 @@ def _load(opts: dict):
         return synthetic.build(opts["synthetic"], opts["scheme"], lm_head_quant=opts["lm_head_quant"],
                                device=opts["device"], dtype=parse_dtype(opts["dtype"]) or torch.bfloat16,
                                kv_cache="fp8" if opts["kv_cache_fp8"] else "auto",
-                               activation_quant=opts["activation_quant"], use_kernels=not opts["no_kernels"])
+                               activation_quant=opts["activation_quant"], use_kernels=not opts["no_kernels"],
+                               speculative=opts.get("speculative"),
+                               num_speculative_tokens=opts.get("num_speculative_tokens", 1),
+                               mtp_agree=opts.get("mtp_agree", False))
     from .commands.generate import load_from_args
 
     return load_from_args(SimpleNamespace(**opts | {"batch_invariant": False}))  # bench() sets the mode
@@ -133,7 +136,15 @@ def bench(opts: dict) -> dict:
     with invariance.scope(False):
         res["prefill"], res["decode"] = rates(model, opts, prompt_lens, batches, res["copy_gbps"], say)
         say(f"Model.generate: batch 1, {opts['new_tokens']} tokens")
-        res["generate_b1_tok_s"] = generate_rate(model, opts["decode_prompt"], opts["new_tokens"])
+        spec, model.speculative = model.speculative, None  # plain decoding here; speculation is timed below
+        try:
+            res["generate_b1_tok_s"] = generate_rate(model, opts["decode_prompt"], opts["new_tokens"])
+        finally:
+            model.speculative = spec
+        if model.speculative is not None:
+            say(f"speculative ({model.speculative.method}, {model.speculative.num_tokens} drafts/step) vs plain: "
+                f"batch 1, {opts['new_tokens']} tokens")
+            res["speculative"] = speculative_rate(model, opts["decode_prompt"], opts["new_tokens"])
     if opts.get("batch_invariant"):  # the same measurements with the mode on (fresh engines and graphs)
         with invariance.scope(True):
             pre, dec = rates(model, opts, prompt_lens, batches, res["copy_gbps"], say, " (batch-invariant)")
@@ -226,8 +237,8 @@ def step_weight_bytes(model, batch: int = 1) -> int:
                 experts[id(p)] = share
     total = 0.0
     for name, p in net.named_parameters():
-        if name == "model.embed_tokens.weight" and net.lm_head is not None:
-            continue
+        if (name == "model.embed_tokens.weight" and net.lm_head is not None) or name.startswith("mtp."):
+            continue  # (a plain decode step does not run the MTP head)
         total += p.numel() * p.element_size() * experts.get(id(p), 1.0)
     return int(total + sum(b.numel() * b.element_size() for b in net.buffers()))
 
@@ -285,6 +296,41 @@ def generate_rate(model, prompt: int, steps: int) -> float:
     t0 = time.perf_counter()
     model.generate([ids], max_new_tokens=steps, ignore_eos=True)
     return steps / (time.perf_counter() - t0)
+
+
+def speculative_rate(model, prompt: int, steps: int) -> dict:
+    """Batch-1 greedy Model.generate with the model's speculation against plain decoding (same prompt,
+    same model): tokens/s of both, the speed-up, the acceptance rate (accepted / drafted tokens), the
+    tokens gained per verify step, and whether both gave the same tokens (they must)."""
+    spec = model.speculative
+    ids = torch.randint(3, model.config.vocab_size, (prompt,)).tolist()
+
+    def timed():
+        model.generate([ids], max_new_tokens=4, ignore_eos=True)  # warm-up (sizes the engine, compiles)
+        _sync(model.device)
+        t0 = time.perf_counter()
+        run = model.stream([ids], max_new_tokens=steps, ignore_eos=True)
+        for _ in run:
+            pass
+        _sync(model.device)
+        return time.perf_counter() - t0, run
+
+    try:
+        model.speculative = None
+        t_plain, plain = timed()
+    finally:
+        model.speculative = spec
+    t_spec, run = timed()
+    st = run.spec_stats
+    out = {"method": spec.method, "num_speculative_tokens": spec.num_tokens,
+           "acceptance_rate": st["acceptance_rate"], "drafted": st["drafted"], "accepted": st["accepted"],
+           "tokens_per_step": (steps - 1) / max(1, st["steps"]),  # the first token comes from the prefill
+           "plain_tok_s": steps / t_plain, "tok_s": steps / t_spec, "speedup": t_plain / t_spec,
+           "identical": run.results[0].output_ids == plain.results[0].output_ids}
+    agree = [n for n in model.report.notes if n.startswith("MTP weights drawn to agree")]
+    if agree:
+        out["construction"] = agree[0]
+    return out
 
 
 def hf_rates(opts: dict, prompt_lens: list[int], dev) -> dict:
@@ -356,6 +402,14 @@ def format_table(r: dict) -> str:
         lines += [f"{'decode b' + b:>14} {v['tok_s']:>10.1f} tok/s {v['tok_s'] / r['decode'][b]['tok_s']:>6.2f}x"
                   for b, v in bi["decode"].items()]
     lines.append(f"\nModel.generate, batch 1: {r['generate_b1_tok_s']:.1f} tok/s")
+    if "speculative" in r:
+        s = r["speculative"]
+        lines.append(f"speculative {s['method']} ({s['num_speculative_tokens']} drafts/step), batch 1: "
+                     f"{s['tok_s']:.1f} tok/s vs {s['plain_tok_s']:.1f} plain = {s['speedup']:.2f}x; acceptance "
+                     f"{s['acceptance_rate']:.0%} ({s['accepted']}/{s['drafted']}), {s['tokens_per_step']:.2f} "
+                     f"tokens/step; tokens {'identical to' if s['identical'] else 'DIFFERENT from'} plain decoding")
+        if "construction" in s:
+            lines.append(f"  ({s['construction']})")
     if "hf" in r:
         hf = r["hf"]
         pre = ", ".join(f"{p}: {v['tok_s']:.0f}" for p, v in hf["prefill"].items())

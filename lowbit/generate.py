@@ -311,9 +311,16 @@ class GenerationRun:
                               Detokenizer(model, list(stop or [])) if has_text else None)
                      for i, p in enumerate(ids)]
         self.results: list[GenerationResult] | None = None
+        self.spec_stats: dict = {}  # with a speculative model: drafted / accepted counts, acceptance_rate
 
     def __iter__(self):
         seqs = self.seqs
+        if self.model.speculative is not None:  # MTP drafting (lowbit/speculative.py)
+            from .speculative import run
+
+            yield from run(self.model, seqs, self.params, self.max_new_tokens, self.spec_stats)
+            self._finish()
+            return
         gen = None if self.params.temperature == 0 else sampling_generator(self.model.device, self.params.seed)
         engine = self.model.engine(len(seqs), max(len(s.prompt) for s in seqs) + max(self.max_new_tokens, 1))
         scheduler = Scheduler(engine)
@@ -328,8 +335,11 @@ class GenerationRun:
                 yield from scheduler.step()
         finally:
             scheduler.close()  # also when the caller stops iterating early
+        self._finish()
+
+    def _finish(self) -> None:
         self.results = [GenerationResult(s.prompt, s.out, s.detokenizer.text if s.detokenizer else None,
-                                         s.finish or "length") for s in seqs]
+                                         s.finish or "length") for s in self.seqs]
 
 
 def stream(model, prompts, **kwargs) -> GenerationRun:

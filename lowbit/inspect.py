@@ -74,10 +74,11 @@ def _compact_experts(ckpt: Checkpoint, plan: QuantPlan, plans: list[LayerPlan]) 
     return out
 
 
-def report(path, trust_tensors: bool = False) -> dict:
-    """Everything `lowbit inspect` shows, as plain data (also the --json output)."""
+def report(path, trust_tensors: bool = False, speculative: str | None = None) -> dict:
+    """Everything `lowbit inspect` shows, as plain data (also the --json output); speculative='mtp':
+    as loaded for MTP drafting (the `mtp.*` tensors resolved and used, not skipped)."""
     ckpt = Checkpoint(path)
-    plan = resolve(ckpt, trust_tensors=trust_tensors)
+    plan = resolve(ckpt, trust_tensors=trust_tensors, speculative=speculative)
     cfg = plan.model
     slots = _slots(plan)
     order = {name: i for i, name in enumerate(slots)}

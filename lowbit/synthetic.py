@@ -5,6 +5,10 @@ tensors by `lowbit.quantize.rtn` (the producers' own bytes), and handed to the s
 the same `Target.write` path the checkpoint loader uses; so a synthetic model runs exactly the code
 a real checkpoint runs, and no bf16 copy of the whole model ever exists. Under tensor parallelism
 every rank draws the same full tensors (seeded by name) and keeps its slice.
+
+MTP (`speculative="mtp"`, Qwen3.5 configs: one MTP layer, as the releases have): random MTP weights
+draft tokens the main model almost never agrees with (acceptance ~0). `mtp_agree=True` draws them to
+agree instead (AGREEMENT below says how), so a benchmark sees the speed of accepted drafts.
 """
 from __future__ import annotations
 
@@ -21,10 +25,19 @@ from .models import family
 from .models.slots import ExpertSlot
 from .quant.base import RunOptions
 from .quant.numerics import FP8_MAX
-from .quant.resolve import LayerPlan, QuantPlan, expected_params
+from .quant.resolve import LayerPlan, QuantPlan, enable_speculative, expected_params
 from .quant.scheme import Scheme, unquantized
 from .quantize import rtn
 from .quantize.recipes import preset
+
+AGREEMENT = ("MTP weights drawn to agree: every output projection (o_proj, out_proj, down_proj, experts' "
+             "down_proj; main model and MTP layer) scaled by {scale:g}, so the residual stream is the token's "
+             "embedding; lm_head rows are the embedding rows permuted (lm_head[perm(t)] = embed[t]), so the "
+             "greedy next token of t is perm(t); mtp.fc = [identity | 0] passes the next token's normed "
+             "embedding and drops the hidden state, so the head predicts perm(next token), the main model's "
+             "next-next token")
+AGREE_SCALE = 1e-5
+OUTPUT_PROJECTIONS = (".o_proj", ".out_proj", ".down_proj")
 
 _LLAMA3 = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
                intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -51,7 +64,7 @@ CONFIGS = {
                         linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128,
                         linear_conv_kernel_dim=4, partial_rotary_factor=0.25, max_position_embeddings=262144,
                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                        rope_parameters={"rope_theta": 10000000.0, "rope_type": "default"}),
+                        mtp_num_hidden_layers=1, rope_parameters={"rope_theta": 10000000.0, "rope_type": "default"}),
     # Qwen3.5-27B's sizes as an attention-only Llama (every layer full attention, plain MLP): the
     # baseline its prefill is measured against
     "llama-27b": _LLAMA3 | dict(vocab_size=248320, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64,
@@ -65,7 +78,7 @@ CONFIGS = {
                             linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8,
                             moe_intermediate_size=512, shared_expert_intermediate_size=512,
                             partial_rotary_factor=0.25, max_position_embeddings=262144, rms_norm_eps=1e-6,
-                            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, mtp_num_hidden_layers=1,
                             rope_parameters={"rope_theta": 10000000.0, "rope_type": "default"}),
     # Nemotron-H-8B: 52 layers (24 Mamba2, 4 attention, 24 relu^2 MLP), Mamba 128 heads x 64, state 128, 8 groups
     "nemotron-h-8b": dict(architectures=["NemotronHForCausalLM"], model_type="nemotron_h", vocab_size=131072,
@@ -165,12 +178,23 @@ def _modules(slot) -> list[list[tuple[str, int | None]]]:
 def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, device=None,
           dtype: torch.dtype = torch.bfloat16, seed: int = 0, kv_cache: str = "auto",
           activation_quant: str = "auto", use_kernels: bool = True, overrides: dict | None = None,
-          batch_invariant: bool = False) -> Model:
+          speculative: str | None = None, num_speculative_tokens: int = 1, mtp_agree: bool = False,
+          agree_scale: float = AGREE_SCALE, batch_invariant: bool = False) -> Model:
     """A random-weight model of CONFIGS[name]'s shapes in `scheme` (bf16 or see SCHEMES).
 
     kv_cache='fp8' gives it an FP8 KV cache with synthetic scales; inside a tensor-parallel group
-    each rank builds its shard. batch_invariant: as lowbit.load's."""
+    each rank builds its shard. speculative='mtp' builds the MTP head too (generation drafts with it);
+    mtp_agree draws the weights so that its drafts agree (AGREEMENT, output projections scaled by
+    agree_scale). batch_invariant: as lowbit.load's."""
     cfg = parse_model_config(model_config(name, overrides), where=f"--synthetic {name}")
+    spec = None
+    if speculative is not None:
+        from .speculative import Speculation
+
+        spec = Speculation(speculative, num_speculative_tokens)
+        enable_speculative(cfg, speculative, f"--synthetic {name}")
+    if mtp_agree and (spec is None or cfg.tie_word_embeddings):
+        raise ConfigError(f"--synthetic {name}: --mtp-agree needs --speculative mtp and a separate lm_head")
     sch = parse_scheme(scheme)
     tp_rank, tp_size = parallel.current()
     device = resolve_device(device, tp_size)
@@ -180,11 +204,16 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
     report = LoadReport(notes=[f"synthetic {name}: random weights (std {WEIGHT_STD}), {sch.label()}"
                                f"{', lm_head too' if lm_head_quant and sch.quantized else ''}"])
     amax_in = torch.tensor(ASSUMED_AMAX, dtype=torch.bfloat16, device=device)
+    agree = _Agreement(cfg, seed, device, agree_scale) if mtp_agree else None
+    if agree:
+        report.notes.append(AGREEMENT.format(scale=agree_scale))
     with torch.inference_mode():
         for slot, group in ((slot, g) for slot in plan.slots for g in _modules(slot)):
             shards = [plan.layers[n] for n, _ in group]
             weights = {p.name: _randn((slot.out_features if p.shard is None else slot.shard_sizes[p.shard],
                                        slot.in_features), p.name, seed, device, WEIGHT_STD) for p in shards}
+            if agree:
+                weights = {n: agree.weight(n, w) for n, w in weights.items()}
             shared = rtn.shared_amax(list(weights.values()))  # fused shards share per-tensor scales
             for p in shards:
                 w = weights.pop(p.name)
@@ -209,4 +238,31 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
                 attn.k_scale, attn.v_scale = scale, scale
     finish_loading(model, linears, report, f"--synthetic {name}")
     model.eval()
-    return Model(model, plan, report, None, device, dtype, options)
+    out = Model(model, plan, report, None, device, dtype, options)
+    out.speculative = spec
+    return out
+
+
+class _Agreement:
+    """The projections of a model whose MTP drafts agree with it (AGREEMENT)."""
+
+    def __init__(self, cfg, seed: int, device, scale: float):
+        self.cfg, self.seed, self.device, self.scale = cfg, seed, device, scale
+
+    def weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if name.endswith(OUTPUT_PROJECTIONS):
+            return w * self.scale
+        if name == "lm_head":  # lm_head[perm(t)] = embed[t]
+            embed = _randn((cfg.vocab_size, cfg.hidden_size), "model.embed_tokens.weight", self.seed, self.device,
+                           WEIGHT_STD)
+            gen = torch.Generator().manual_seed(self.seed)
+            perm = torch.randperm(cfg.vocab_size, generator=gen).to(self.device)
+            head = torch.empty_like(embed)
+            head[perm] = embed
+            return head
+        if name == "mtp.fc":  # [identity | 0]: the next token's embedding half only
+            h = cfg.hidden_size
+            return torch.cat([torch.eye(h, device=self.device), torch.zeros(h, h, device=self.device)],
+                             dim=1).to(w.dtype)
+        return w

@@ -6,6 +6,10 @@ reads (weights, and the KV cache at the mean context) and the bandwidth that ach
 the device-to-device copy bandwidth measured here, peak GPU memory while loading and while running,
 and the model's memory against its on-disk bytes. --compare-hf times transformers in bf16 on the same shapes in the same process.
 Prints a table, or JSON with --json. --tp N runs N tensor-parallel ranks (rank 0 reports).
+--speculative mtp also times batch-1 greedy generation with MTP drafting against plain decoding (the
+acceptance rate, the speed-up, and whether the tokens are identical); on a --synthetic model
+--mtp-agree draws the MTP weights to agree with the model (lowbit/synthetic.py AGREEMENT), since
+random ones are almost never accepted.
 --batch-invariant measures prefill and decode again with the batch-invariant mode on (lowbit/kernels/
 invariance.py) and reports each rate beside the default's.
 """
@@ -33,9 +37,12 @@ def register(sub):
     p.add_argument("--hf-new-tokens", type=int, default=64, help="decode steps timed for transformers")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    from .generate import add_load_options
+    p.add_argument("--mtp-agree", action="store_true",
+                   help="with --synthetic and --speculative mtp: MTP weights drawn to agree with the model")
+    from .generate import add_load_options, add_speculative_options
 
     add_load_options(p)
+    add_speculative_options(p)
     p.set_defaults(func=run)
 
 
@@ -48,6 +55,10 @@ def run(args) -> int:
 
     if args.tp < 1:
         raise LowbitError("--tp must be >= 1")
+    if args.mtp_agree and not (args.synthetic and args.speculative):
+        raise LowbitError("--mtp-agree draws a --synthetic model's MTP weights: give --synthetic NAME --speculative mtp")
+    if args.speculative and args.tp > 1:
+        raise LowbitError("--speculative mtp runs without tensor parallelism; drop --tp or --speculative")
     if args.tp > 1:
         from .. import parallel
 

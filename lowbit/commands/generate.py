@@ -35,12 +35,22 @@ def load_from_args(args, announce: bool = True):
     t0 = time.perf_counter()
     model = lowbit.load(args.path, device=args.device, dtype=args.dtype, activation_quant=args.activation_quant,
                         kv_cache=args.kv_cache, trust_tensors=args.trust_tensors, use_kernels=not args.no_kernels,
+                        speculative=getattr(args, "speculative", None),
+                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 1),
                         batch_invariant=getattr(args, "batch_invariant", False))
     if not quiet:
         r = model.report
         step(f"loaded {r.tensors_read} tensors ({r.bytes_read / 1e6:.1f} MB) on {model.device} in "
              f"{time.perf_counter() - t0:.1f} s")
     return model
+
+
+def add_speculative_options(p):
+    """--speculative mtp / --num-speculative-tokens (generate, bench)."""
+    p.add_argument("--speculative", default=None, choices=["mtp"],
+                   help="draft tokens with the checkpoint's MTP head and verify them in one forward (Qwen3.5/3.6; "
+                        "greedy only, output identical to plain decoding)")
+    p.add_argument("--num-speculative-tokens", type=int, default=1, help="drafts per step with --speculative")
 
 
 def register(sub):
@@ -59,6 +69,7 @@ def register(sub):
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: spawned here (one GPU each), or the ones torchrun started")
     add_load_options(p)
+    add_speculative_options(p)
     p.set_defaults(func=run)
 
 
@@ -67,6 +78,14 @@ def run(args) -> int:
 
     if args.max_new_tokens < 0:
         raise LowbitError("--max-new-tokens must be >= 0")
+    if args.speculative:
+        from ..speculative import Speculation, check_greedy
+        from ..sampling import SamplingParams
+
+        Speculation(args.speculative, args.num_speculative_tokens)
+        check_greedy(SamplingParams(max(0.0, args.temperature)))
+        if args.tp > 1:
+            raise LowbitError("--speculative mtp runs without tensor parallelism; drop --tp or --speculative")
     args.prompt = read_prompts(args.prompt)
     try:
         from ..sampling import SamplingParams

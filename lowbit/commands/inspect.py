@@ -1,4 +1,6 @@
-"""`lowbit inspect PATH [--json] [--trust-tensors]`: per-layer schemes, a summary and every problem.
+"""`lowbit inspect PATH [--json] [--trust-tensors] [--speculative mtp]`: per-layer schemes, a summary and
+every problem (with --speculative mtp, of the checkpoint as loaded for MTP drafting: the MTP head's
+projections and parameters included).
 
 Exit status: 0 loadable, 1 problems found, 2 the checkpoint cannot be read (bad path, malformed or
 unsupported config, damaged safetensors file), 3 internal error. With --json, exit 2 still prints
@@ -22,6 +24,8 @@ def register(sub):
     p.add_argument("--trust-tensors", action="store_true",
                    help="when the quantization config disagrees with the tensors, resolve from the tensors "
                         "(each override is reported)")
+    p.add_argument("--speculative", default=None, choices=["mtp"],
+                   help="inspect as loaded for MTP speculative decoding (the mtp.* tensors used, not skipped)")
     p.set_defaults(func=run)
 
 
@@ -31,7 +35,7 @@ def run(args) -> int:
     from ..errors import LowbitError
 
     try:
-        rep = report(args.path, trust_tensors=args.trust_tensors)
+        rep = report(args.path, trust_tensors=args.trust_tensors, speculative=args.speculative)
     except LowbitError as e:
         if args.json:  # a machine reader still gets JSON; the one-line error goes to stderr as usual
             print(json.dumps({"path": str(args.path), "loadable": False, "error": str(e),

@@ -68,8 +68,9 @@ class Attention(nn.Module):
             kc, vc = cache["k"], cache["v"]
             q, k = decoder.rope_and_store(q, k, v, cos, sin, kc.flatten(0, 1), vc.flatten(0, 1), ctx.rows,
                                           self.k_scale, self.v_scale)
-        if ctx is not None and ctx.decode:
-            out = decoder.decode_attention(q[:, 0], kc, vc, ctx.block_tables, ctx.slots, ctx.positions[:, 0],
+        if ctx is not None and (ctx.decode or ctx.verify):  # verify: every token as its own decode query
+            out = decoder.decode_attention(q.reshape(b * t, h, d), kc, vc, ctx.block_tables,
+                                           ctx.slots[:, None].expand(b, t).reshape(-1), ctx.positions.reshape(-1),
                                            self.scaling, self.k_scale, self.v_scale, self.sliding_window)
         elif ctx is not None and not ctx.fresh:  # a chunk after cached positions: read them through the table
             out = cached_prefix_attention(q, kc, vc, ctx, self.scaling, self.k_scale, self.v_scale,

@@ -45,6 +45,11 @@ class ForwardContext:
               [num_blocks + 1, block_size, *shape], states [num_slots + 1, *shape].
     block_tables [num_slots + 1, max_blocks] int32: the KV blocks of each slot's sequence.
     rows      [B, T] int64: the flat pool row of every token's key/value (`decoder.cache_rows`).
+    verify    speculative verification (lowbit/speculative.py; `decode` False): T tokens per row continue
+              the sequence, each computed as a decode step would compute it (attention through the paged
+              decode kernel, one query per token; recurrent layers one step at a time). Recurrent layers
+              leave their slot's state untouched and put the state after every token in
+              steps[layer_idx] = {name: [T, B, *shape]}; the caller keeps the accepted one.
     """
 
     slots: torch.Tensor
@@ -54,6 +59,8 @@ class ForwardContext:
     fresh: bool = True
     block_tables: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    verify: bool = False
+    steps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def cache(self, layer_idx: int) -> dict[str, torch.Tensor]:
         return self.caches[layer_idx]

@@ -17,7 +17,10 @@ Cache (`cache_spec`; `state_spec` from a config): per slot a conv tail "conv" [C
 conv inputs, compute dtype)
 and the recurrent state "ssm" [H_v, d_k, d_v] in fp32. Prefill rows start from an empty history (or,
 for a later chunk of a prompt, `ctx.fresh` False, from their slot's) and leave both in their slot;
-a decode step (T == 1) reads and updates them in place (CUDA-graph safe).
+a decode step (T == 1) reads and updates them in place (CUDA-graph safe). A verify forward
+(`ctx.verify`, speculative decoding) runs its T tokens through the same decode kernels one step at a
+time from the slot's state, leaves the slot alone and hands back the state after every token in
+`ctx.steps[layer_idx]` (lowbit/speculative.py keeps the accepted one).
 
 Tensor parallelism (tp_size ranks): heads are split, H_k / tp key heads and H_v / tp value heads per
 rank (both must divide; value head h reads key head h // (H_v / H_k), so contiguous splits keep each
@@ -190,6 +193,11 @@ class GatedDeltaNet(nn.Module):
         z = self.in_proj_z(x).view(bsz, t, self.num_v_heads, self.head_v_dim)
         b, a = self.in_proj_b(x), self.in_proj_a(x)
         weight = self.conv1d.weight.view(self.conv_dim, -1)
+        if ctx is not None and ctx.verify:
+            o = self._verify(qkv, a, b, weight, cache, ctx)
+            o = self.norm(o, z).reshape(bsz, t, self.value_dim)
+            out = self.out_proj(o)
+            return parallel.all_reduce(out) if self.tp_size > 1 else out
         if decode:
             qkv = causal_conv1d_update(qkv[:, 0], cache["conv"], weight, None, "silu", ctx.slots)[:, None]
         else:
@@ -212,3 +220,27 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z).reshape(bsz, t, self.value_dim)
         out = self.out_proj(o)
         return parallel.all_reduce(out) if self.tp_size > 1 else out
+
+    def _verify(self, qkv, a, b, weight, cache, ctx: ForwardContext) -> torch.Tensor:
+        """The T tokens of each row as T decode steps from its slot's state (the decode kernels, so each
+        token is computed as plain decoding computes it); every step's conv tail and recurrent state go
+        to ctx.steps[layer_idx] as [T, B, *shape]; the slot's own state is not written."""
+        bsz, t, _ = qkv.shape
+        # states[i] = after i tokens; the kernels update rows (i + 1) * B + b of the flat view in place
+        conv = cache["conv"][ctx.slots].unsqueeze(0).repeat(t + 1, 1, 1, 1)
+        ssm = cache["ssm"][ctx.slots].unsqueeze(0).repeat(t + 1, 1, 1, 1, 1)
+        flat_conv, flat_ssm = conv.view(-1, *conv.shape[2:]), ssm.view(-1, *ssm.shape[2:])
+        rows = torch.arange(bsz, device=qkv.device)
+        outs = []
+        for i in range(t):
+            if i:
+                conv[i + 1], ssm[i + 1] = conv[i], ssm[i]
+            here = rows + (i + 1) * bsz
+            y = causal_conv1d_update(qkv[:, i], flat_conv, weight, None, "silu", here)
+            q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            outs.append(gated_delta_rule_decode(q.view(bsz, self.num_k_heads, self.head_k_dim),
+                                                k.view(bsz, self.num_k_heads, self.head_k_dim),
+                                                v.view(bsz, self.num_v_heads, self.head_v_dim), a[:, i], b[:, i],
+                                                self.A_log, self.dt_bias, flat_ssm, here))
+        ctx.steps[self.layer_idx] = {"conv": conv[1:], "ssm": ssm[1:]}
+        return torch.stack(outs, dim=1)

@@ -7,7 +7,9 @@ question the rest of lowbit asks about an architecture:
   linear_slots     the projections (fused/split shards, expert stacks) resolve() and the loader fill
   expected_params  the plain parameters (embeddings, norms, ...) with their shapes
   sanitize         on-disk tensor name -> canonical name (VLM wrappers, `backbone.*`, ...)
-  skip             on-disk tensors the family knowingly leaves unused, with the reason (Qwen3.5's MTP head)
+  skip             on-disk tensors the family knowingly leaves unused, with the reason (Qwen3.5's MTP head
+                   unless speculation is on)
+  enable_mtp       turn the config's MTP head on (speculative decoding), or refuse naming why
   check_tp         which tensor-parallel sizes the model splits into
   param_shard      the slice of a plain parameter one tensor-parallel rank keeps
   build            the nn.Module (a `DecoderModel`)
@@ -52,9 +54,16 @@ class Family:
         """An on-disk tensor name -> its canonical name."""
         return to_canonical(name)
 
-    def skip(self, name: str) -> str | None:
+    def skip(self, name: str, cfg=None) -> str | None:
         """Why the on-disk tensor `name` is present but unused by this engine, or None (it is used)."""
         return None
+
+    def enable_mtp(self, cfg, where: str) -> None:
+        """Build and load the checkpoint's MTP head (`--speculative mtp`); a LowbitError if it has none."""
+        from ..errors import LowbitError
+
+        raise LowbitError(f"{where}: --speculative mtp needs a multi-token-prediction head; the {self.name} family "
+                          f"({cfg.architecture}) has none in lowbit (MTP drafting: Qwen3.5 / Qwen3.6)")
 
     def attention_layers(self, cfg) -> list[int]:
         """Indices of the layers with softmax attention (the ones that may carry KV-cache scales)."""

@@ -25,20 +25,35 @@ Tensor parallelism: attention as every family's; the Gated DeltaNet heads split 
 `param_shard`); the MoE experts and the shared expert on their intermediate dimension, the routers
 replicated, one all-reduce per MoE block.
 
-Not run: the MTP head (`mtp.*` tensors are reported skipped: speculative decoding is not
-implemented).
+MTP head (`mtp.*`, `mtp_num_hidden_layers` in the config, Qwen3-Next style; vLLM's qwen3_5_mtp.py):
+    x = mtp.fc(cat[mtp.pre_fc_norm_embedding(embed(t_{i+1})), mtp.pre_fc_norm_hidden(h_i)])  2H -> H
+    x = mtp.layers.j(x)   one gated full-attention decoder layer with the family's MLP (dense or MoE)
+    h'_i = mtp.norm(x);  logits = lm_head(h'_i) predict t_{i+2}
+where h_i is the main model's OUTPUT hidden state at position i (after model.norm: the one lm_head
+reads; vLLM and SGLang hand the MTP head the hidden states the target model returns, which are
+post-norm) and the embedding comes first in fc's input. embed_tokens and lm_head are the main
+model's. The head is built and its tensors loaded only when speculation is asked for
+(`lowbit.load(..., speculative="mtp")`: `Family.enable_mtp` sets `use_mtp`); otherwise they are
+reported skipped (MTP_REASON). Its attention is layer `num_layers + j` for the caches: the engine
+gives it a KV cache of its own like any attention layer (the family's `attention_layers`, where FP8
+KV scales go, leaves it out: its cache stays in the compute dtype). How speculation runs:
+lowbit/speculative.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from .. import parallel
 from ..config import ModelConfig, common_fields
-from ..errors import ConfigError
+from ..errors import ConfigError, LowbitError
 from ..kernels.moe_ref import Routing
 from ..layers.attention import Attention
 from ..layers.block import PreNormBlock
 from ..layers.gated_deltanet import PROJECTIONS, GatedDeltaNet, GatedDeltaNetDims
+from ..layers.context import ForwardContext
 from ..layers.mlp import GatedMLP, check_activation
 from ..layers.moe import MoEBlock
 from ..layers.norm import RMSNorm
@@ -48,7 +63,8 @@ from .base import DecoderModel, Family, norm_params
 from .slots import LinearSlot, attention_slots, expert_slots, gated_mlp_slots, lm_head_slot
 
 LINEAR, FULL = "linear_attention", "full_attention"
-MTP_REASON = "MTP head: speculative decoding not implemented"
+MTP_REASON = "MTP head: used only with speculative decoding (--speculative mtp)"
+MTP_KV_REASON = "KV-cache scale of the MTP head: its cache stays in the compute dtype"
 
 
 @dataclass
@@ -64,6 +80,9 @@ class Qwen3_5Config(ModelConfig):
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     qk_norm: bool = True
+    mtp_num_layers: int = 0  # MTP layers the checkpoint declares (mtp_num_hidden_layers)
+    mtp_dedicated_embeddings: bool = False  # mtp_use_dedicated_embeddings: not supported
+    use_mtp: bool = False  # build and load the MTP head (speculative decoding asked for)
 
     @property
     def linear(self) -> GatedDeltaNetDims:
@@ -75,8 +94,38 @@ class Qwen3_5Config(ModelConfig):
         return self.layer_types[i] == LINEAR
 
 
+class MTPHead(nn.Module):
+    """The `mtp.*` modules (module docstring): forward(embeds, hidden, rope, ctx, step) -> the head's
+    hidden states after mtp.norm [B, T, H] (what lm_head reads, and what a further draft step takes
+    as its `hidden`)."""
+
+    def __init__(self, fc, layers: list[nn.Module], norm):
+        super().__init__()
+        self.fc = fc
+        self.pre_fc_norm_embedding, self.pre_fc_norm_hidden = norm(), norm()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm()
+
+    def forward(self, embeds, hidden, rope, ctx: ForwardContext | None = None, step: int = 0):
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        x, residual = self.layers[step % len(self.layers)](x, None, rope, ctx)
+        return self.norm(x, residual)[0]
+
+
 class Qwen3_5Model(DecoderModel):
-    unit_offset_norm = True
+    unit_offset_norm = True  # the family's build sets `mtp`: its MTPHead, or None
+
+    def attention_layers(self):
+        """The main model's attention layers (where FP8 KV scales go); not the MTP head's."""
+        return {i: m for i, m in super().attention_layers().items() if i < self.config.num_layers}
+
+    def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                    ctx: ForwardContext | None = None, step: int = 0) -> torch.Tensor:
+        """The MTP head at `positions` [B, T]: next_ids [B, T] are the tokens that follow them, hidden
+        [B, T, H] the main model's output (or the head's own, for a further draft) -> [B, T, H]."""
+        embeds = self.model.embed_tokens(next_ids)
+        rope = {name: r.cos_sin(positions, embeds.dtype) for name, r in self.rotary.items()}
+        return self.mtp(embeds, hidden, rope, ctx, step)
 
 
 def _positive(text: dict, key: str, where: str, default=None) -> int:
@@ -125,6 +174,11 @@ class Qwen3_5Family(Family):
                 raise ConfigError(f"{where}: num_experts_per_tok={cfg.top_k} exceeds num_experts={cfg.num_experts}")
             cfg.moe_intermediate_size = _positive(text, "moe_intermediate_size", where)
             cfg.shared_expert_intermediate_size = _positive(text, "shared_expert_intermediate_size", where)
+        mtp = text.get("mtp_num_hidden_layers", text.get("num_nextn_predict_layers", 0))
+        if not isinstance(mtp, int) or isinstance(mtp, bool) or mtp < 0:
+            raise ConfigError(f"{where}: mtp_num_hidden_layers must be a non-negative integer, got {mtp!r}")
+        cfg.mtp_num_layers = mtp
+        cfg.mtp_dedicated_embeddings = bool(text.get("mtp_use_dedicated_embeddings", False))
         try:
             cfg.linear.check(1)
         except ConfigError as e:
@@ -132,11 +186,29 @@ class Qwen3_5Family(Family):
         return cfg
 
     # ------------------------------------------------------------------ what is on disk
-    def skip(self, name):
-        return MTP_REASON if name.startswith("mtp.") else None
+    def skip(self, name, cfg=None):
+        if not name.startswith("mtp."):
+            return None
+        if cfg is None or not cfg.use_mtp:
+            return MTP_REASON
+        from ..quant.resolve import KV_SCALE_LEAVES
+
+        return MTP_KV_REASON if name.rsplit(".", 1)[-1] in KV_SCALE_LEAVES else None
+
+    def enable_mtp(self, cfg, where):
+        if cfg.mtp_num_layers < 1:
+            raise LowbitError(f"{where}: --speculative mtp needs an MTP head, and the config declares none "
+                              f"(mtp_num_hidden_layers is 0 or absent): this checkpoint cannot draft with MTP")
+        if cfg.mtp_dedicated_embeddings:
+            raise LowbitError(f"{where}: mtp_use_dedicated_embeddings=true (an MTP head with its own embedding) "
+                              f"is not supported; run without --speculative")
+        cfg.use_mtp = True
 
     def attention_layers(self, cfg):
         return [i for i in range(cfg.num_layers) if not cfg.is_linear(i)]
+
+    def _mtp_prefixes(self, cfg) -> list[str]:
+        return [f"mtp.layers.{j}" for j in range(cfg.mtp_num_layers)] if cfg.use_mtp else []
 
     def linear_slots(self, cfg):
         d, slots = cfg.linear, []
@@ -151,28 +223,45 @@ class Qwen3_5Family(Family):
                 slots += [LinearSlot(f"{a}.{n}", (f"{a}.{n}",), r, cfg.hidden_size, False, "column")
                           for n, r in rows.items()]
                 slots.append(LinearSlot(f"{a}.out_proj", (f"{a}.out_proj",), (cfg.hidden_size,), vd, False, "row"))
-            else:  # q_proj: [query | gate] per head
-                slots += attention_slots(f"{p}.self_attn", cfg.hidden_size, 2 * cfg.q_size, cfg.kv_size, cfg.q_size,
-                                         cfg.num_kv_heads, cfg.attention_bias, cfg.attention_bias)
-            if cfg.moe:
-                slots += expert_slots(f"{p}.mlp.experts", cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-                slots += gated_mlp_slots(f"{p}.mlp.shared_expert", cfg.hidden_size,
-                                         cfg.shared_expert_intermediate_size)
+                slots += self._mlp_slots(cfg, p)
             else:
-                slots += gated_mlp_slots(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size)
+                slots += self._full_layer_slots(cfg, p)
+        if cfg.use_mtp:  # fc: [embedding | hidden] -> hidden (column: the head runs at tp=1 only)
+            slots.append(LinearSlot("mtp.fc", ("mtp.fc",), (cfg.hidden_size,), 2 * cfg.hidden_size, False, "column"))
+            for p in self._mtp_prefixes(cfg):
+                slots += self._full_layer_slots(cfg, p)
         return slots + lm_head_slot(cfg)
+
+    def _full_layer_slots(self, cfg, p):
+        """A full-attention decoder layer's projections (q_proj: [query | gate] per head) and its MLP."""
+        return attention_slots(f"{p}.self_attn", cfg.hidden_size, 2 * cfg.q_size, cfg.kv_size, cfg.q_size,
+                               cfg.num_kv_heads, cfg.attention_bias, cfg.attention_bias) + self._mlp_slots(cfg, p)
+
+    def _mlp_slots(self, cfg, p):
+        if cfg.moe:
+            return (expert_slots(f"{p}.mlp.experts", cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+                    + gated_mlp_slots(f"{p}.mlp.shared_expert", cfg.hidden_size, cfg.shared_expert_intermediate_size))
+        return gated_mlp_slots(f"{p}.mlp", cfg.hidden_size, cfg.intermediate_size)
 
     def expected_params(self, cfg):
         d = cfg.linear
         full = self.attention_layers(cfg)
         shapes = norm_params(cfg, ("input_layernorm", "post_attention_layernorm"))
         shapes |= norm_params(cfg, (), qk_norm=True, layers=full)
+        h = (cfg.hidden_size,)
+        mtp = self._mtp_prefixes(cfg)
+        if mtp:
+            shapes |= {f"mtp.{n}.weight": h for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
+        for p in mtp:
+            shapes |= {f"{p}.{n}.weight": h for n in ("input_layernorm", "post_attention_layernorm")}
+            shapes |= {f"{p}.self_attn.{n}.weight": (cfg.head_dim,) for n in ("q_norm", "k_norm")}
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
             if cfg.is_linear(i):
                 shapes |= {f"{p}.linear_attn.conv1d.weight": (sum(d.sections()), 1, d.conv_kernel),
                            f"{p}.linear_attn.A_log": (d.num_v_heads,), f"{p}.linear_attn.dt_bias": (d.num_v_heads,),
                            f"{p}.linear_attn.norm.weight": (d.head_v_dim,)}
+        for p in [f"model.layers.{i}" for i in range(cfg.num_layers)] + mtp:
             if cfg.moe:
                 shapes[f"{p}.mlp.gate.weight"] = (cfg.num_experts, cfg.hidden_size)
                 shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, cfg.hidden_size)
@@ -203,19 +292,31 @@ class Qwen3_5Family(Family):
             if cfg.is_linear(i):
                 mixer = GatedDeltaNet(cfg.linear, i, {n: linears[f"{p}.linear_attn.{n}"] for n in PROJECTIONS},
                                       dtype, tp_size)
-                name = "linear_attn"
+                layers.append(PreNormBlock(norm(), mixer, norm(), self.mlp(cfg, p, linears, dtype, tp_size),
+                                           mixer_name="linear_attn"))
             else:
-                a = f"{p}.self_attn"
-                mixer = Attention(i, linears[f"{a}.qkv_proj"], linears[f"{a}.o_proj"], cfg.num_heads,
-                                  cfg.num_kv_heads, cfg.head_dim, q_norm=norm(cfg.head_dim), k_norm=norm(cfg.head_dim),
-                                  output_gate=True, tp_size=tp_size)
-                name = "self_attn"
-            layers.append(PreNormBlock(norm(), mixer, norm(), self.mlp(cfg, i, linears, dtype, tp_size),
-                                       mixer_name=name))
-        return Qwen3_5Model(cfg, layers, linears, dtype, tp_size, {"default": RotaryEmbedding.from_config(cfg)})
+                layers.append(self._full_layer(cfg, p, i, linears, dtype, tp_size, norm))
+        model = Qwen3_5Model(cfg, layers, linears, dtype, tp_size, {"default": RotaryEmbedding.from_config(cfg)})
+        model.mtp = None
+        if cfg.use_mtp:
+            if tp_size > 1:
+                raise LowbitError("--speculative mtp runs without tensor parallelism (tp=1); drop --tp or "
+                                  "--speculative")
+            heads = [self._full_layer(cfg, p, cfg.num_layers + j, linears, dtype, tp_size, norm)
+                     for j, p in enumerate(self._mtp_prefixes(cfg))]
+            model.mtp = MTPHead(linears["mtp.fc"], heads, norm)
+        return model
 
-    def mlp(self, cfg, i, linears, dtype, tp_size):
-        m = f"model.layers.{i}.mlp"
+    def _full_layer(self, cfg, p, idx, linears, dtype, tp_size, norm):
+        """A gated full-attention decoder layer (cache layer index `idx`) with the family's MLP."""
+        a = f"{p}.self_attn"
+        mixer = Attention(idx, linears[f"{a}.qkv_proj"], linears[f"{a}.o_proj"], cfg.num_heads, cfg.num_kv_heads,
+                          cfg.head_dim, q_norm=norm(cfg.head_dim), k_norm=norm(cfg.head_dim), output_gate=True,
+                          tp_size=tp_size)
+        return PreNormBlock(norm(), mixer, norm(), self.mlp(cfg, p, linears, dtype, tp_size))
+
+    def mlp(self, cfg, p, linears, dtype, tp_size):
+        m = f"{p}.mlp"
         if not cfg.moe:
             return GatedMLP(linears[f"{m}.gate_up_proj"], linears[f"{m}.down_proj"], cfg.hidden_act, tp_size)
         from ..quant.experts import Experts

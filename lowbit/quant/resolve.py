@@ -106,8 +106,11 @@ def expected_params(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return family(cfg).expected_params(cfg)
 
 
-def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
+def resolve(ckpt: Checkpoint, trust_tensors: bool = False, speculative: str | None = None) -> QuantPlan:
+    """speculative='mtp': the family's MTP head is part of the model (its tensors resolved, not skipped)."""
     cfg = parse_model_config(ckpt.config, where=str(ckpt.path / "config.json"))
+    if speculative is not None:
+        enable_speculative(cfg, speculative, str(ckpt.path), ckpt.tensors)
     qc = parse_quant_config(ckpt.config, ckpt.hf_quant_config, str(ckpt.path))
     slots = family(cfg).linear_slots(cfg)
     plan = QuantPlan(model=cfg, slots=slots, layers={}, params={}, quant_config=qc)
@@ -128,6 +131,20 @@ def resolve(ckpt: Checkpoint, trust_tensors: bool = False) -> QuantPlan:
     for layer, message in check_values(ckpt, plan):  # scale values: shared with the loader through plan.problems
         r.problem(layer, message)
     return plan
+
+
+def enable_speculative(cfg: ModelConfig, method: str, where: str, tensors=None) -> None:
+    """Turn on the drafting head `method` asks for (only 'mtp'), or refuse naming why."""
+    from ..errors import LowbitError
+
+    if method != "mtp":
+        raise LowbitError(f"unknown speculative method {method!r}; the one supported is 'mtp'")
+    fam = family(cfg)
+    fam.enable_mtp(cfg, where)
+    if tensors is not None and not any(fam.sanitize(n).startswith("mtp.") for n in tensors):
+        raise LowbitError(f"{where}: --speculative mtp: the config declares an MTP head but the checkpoint holds no "
+                          f"mtp.* tensors (the exporter dropped them); run without --speculative, or use an export "
+                          f"that keeps the MTP head")
 
 
 def _label(scheme: Scheme) -> str:
@@ -167,7 +184,7 @@ class _Resolver:
             if is_vision(name):
                 plan.skipped[name] = "vision component (the text model does not use it)"
                 continue
-            why = self.family.skip(name)
+            why = self.family.skip(name, cfg)
             if why is not None:
                 plan.skipped[name] = why
                 continue
