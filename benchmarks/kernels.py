@@ -1,7 +1,7 @@
 """Quantized GEMM benchmark on real layer shapes (lowbit/kernels against bf16, torch int4 and gemlite).
 
     PYTHONPATH=. python benchmarks/kernels.py [--ms 1,16,256] [--shapes llama3-8b|qwen3-30b-a3b|qwen3.5-27b|qkv,o]
-                                              [--json out.json] [--sweep] [--gemv]
+                                              [--json out.json] [--sweep]
 
 For every shape x M: median time of each kernel (captured once in a CUDA graph, the graph replayed
 under triton.testing.do_bench: L2 flushed before every replay, CUDA events), ratio to bf16 torch.matmul
@@ -10,10 +10,7 @@ gpt-fast/torchao path) and, when it is installed, gemlite's A16W4 group-128 Trit
 (A16W4_HQQ_INT, symmetric: zero point 8; autotuned on its first call, outside the timing); achieved
 GB/s (weight + x + y bytes) against the device copy bandwidth measured here, and TFLOP/s. Each kernel
 is first checked against its plain-PyTorch reference on the same weights. Prints a table and a summary
-against the targets of issue 14; --json writes every number. --sweep times alternative tilings instead
-(the planar MMA kernel's, and at M <= 4 the GEMV's). --gemv: only bf16, the planar MMA path and the
-dot-free GEMV (lowbit/kernels/gemv.py) for NVFP4 and int4 g128, as one compact table of ratios
-(default M = 1, 2, 4).
+against the targets of issue 14; --json writes every number. --sweep times alternative tilings instead.
 
 --shapes takes a preset or shape names: llama3-8b (default; the targets are sums over its five
 shapes), qwen3-30b-a3b (attention for hidden 2048 with 32 q / 4 kv heads of 128, one expert's
@@ -38,7 +35,6 @@ import triton
 
 from lowbit import kernels
 from lowbit.kernels import gemm as G
-from lowbit.kernels import gemv as GV
 from lowbit.kernels import w4 as W4
 from lowbit.kernels import ops
 from lowbit.kernels.act_quant import quant_rows
@@ -145,7 +141,7 @@ class Weights:
 
     def nbytes(self, fmt: str) -> int:
         n, k = self.n, self.k
-        fmt = fmt.replace("_ckpt", "").replace("_gemv", "")
+        fmt = fmt.replace("_ckpt", "")
         return {"bf16": 2 * n * k, "nvfp4": n * k // 2 + n * k // 16 + 4 * n, "int4": n * k // 2 + 2 * n * k // GROUP,
                 "tinygemm": n * k // 2 + 4 * n * k // GROUP, "gemlite": n * k // 2 + 4 * n * k // GROUP,
                 "fp8": n * k + 4 * n, "fp8_wo": n * k + 4 * n,
@@ -173,9 +169,6 @@ def kernel_fns(w: Weights, x: torch.Tensor) -> dict:
         "fp8_wo": (lambda: kernels.fp8_linear(x, w8, ws8, quantize_input=False), lambda: w8.float() * ws8[:, None]),
         "int8": (lambda: kernels.int8_linear(x, wi, wsi), None),
     }
-    if x.shape[0] <= GV.GEMV_MAX_M:  # the dot-free decode kernel on the same planar weights
-        fns["nvfp4_gemv"] = (lambda: GV.gemv_w4(x, w.nvfp4_planar, True, k, bs, row_scale=rs), deq_nvfp4)
-        fns["int4_gemv"] = (lambda: GV.gemv_w4(x, w.int4_planar, False, k, s4, None, GROUP), deq_int4)
     if w.tinygemm is not None:
         tp, sz = w.tinygemm
         fns["tinygemm"] = (lambda: torch.ops.aten._weight_int4pack_mm(x, tp, GROUP, sz), deq_int4)
@@ -335,8 +328,6 @@ def sweep(shapes: list[str], ms: list[int], json_path: str | None) -> None:
                                           lambda: fn(x, use_asm=False, dense_min_m=1 << 30)))
                 if m >= 32:
                     results.append(_sweep_one(shape, m, fmt + "-dense", "cublas", t_bf16, lambda: fn(x, dense_min_m=1)))
-            if m <= GV.GEMV_MAX_M:
-                results += sweep_gemv(shape, w, m, t_bf16)
             for fmt in fmts:
                 mine = [r for r in results if r and r["shape"] == shape and r["m"] == m and r["fmt"] == fmt]
                 best = min(mine, key=lambda r: r["ms"])
@@ -360,84 +351,15 @@ def _sweep_one(shape, m, fmt, tiles: str, t_bf16, fn):
     return dict(shape=shape, m=m, fmt=fmt, tiles=tiles, ms=t, x_bf16=t_bf16 / t)
 
 
-GEMV_KERNELS = ("bf16", "nvfp4", "nvfp4_gemv", "int4", "int4_gemv")
-
-
-def gemv_compare(shapes: list[str], ms: list[int], json_path: str | None) -> None:
-    """bf16 cuBLAS vs the planar MMA path (w4) vs the GEMV, NVFP4 and int4 g128: one line per shape
-    and M (microseconds, bf16 time / kernel time, fraction of the copy bandwidth), then the sums."""
-    bw = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}  copy {bw:.0f} GB/s  (us; x = bf16 time / kernel time; %bw)", flush=True)
-    print(f"{'shape':10} {'M':>2} " + " ".join(f"{n:>19}" for n in GEMV_KERNELS))
-    rows = []
-    for shape in shapes:
-        n, k = SHAPES[shape]
-        w = Weights(n, k)
-        for m in ms:
-            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            fns = kernel_fns(w, x)
-            errs = check(w, m)
-            bad = {a: e for a, e in errs.items() if a in GEMV_KERNELS and e > 1e-2}
-            if bad:
-                print(f"  !! {shape} M={m} relative error above 1e-2: {bad}")
-            t = {name: bench(fns[name][0]) for name in GEMV_KERNELS}
-            cells = []
-            for name in GEMV_KERNELS:
-                gbs = (w.nbytes(name) + 2 * m * k + 2 * m * n) / t[name] / 1e6
-                cells.append(f"{t[name] * 1e3:7.1f} x{t['bf16'] / t[name]:4.2f} {100 * gbs / bw:3.0f}%")
-                rows.append(dict(shape=shape, m=m, kernel=name, ms=t[name], err=errs.get(name)))
-            print(f"{shape:10} {m:2d} " + " ".join(f"{c:>19}" for c in cells), flush=True)
-        del w
-        torch.cuda.empty_cache()
-    print("summed over the shapes, bf16 time / kernel time:")
-    for m in ms:
-        tot = {kn: sum(r["ms"] for r in rows if r["m"] == m and r["kernel"] == kn) for kn in GEMV_KERNELS}
-        print(f"  M={m}: " + "  ".join(f"{kn} {tot['bf16'] / tot[kn]:.2f}" for kn in GEMV_KERNELS[1:])
-              + f"   gemv/w4: nvfp4 {tot['nvfp4'] / tot['nvfp4_gemv']:.2f} int4 {tot['int4'] / tot['int4_gemv']:.2f}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(dict(copy_gbs=bw, rows=rows), f, indent=1)
-
-
-GEMV_SWEEP = [  # (bn, ch, warps): rows x chunks of 128 per step; splits around the heuristic's
-    (32, 4, 4), (64, 4, 4), (128, 4, 4), (64, 4, 2), (64, 8, 4), (32, 8, 2), (16, 8, 1), (128, 4, 8)]
-
-
-def sweep_gemv(shape: str, w: Weights, m: int, t_bf16: float) -> list:
-    """GEMV tilings x splits for one shape and M; prints the best per format."""
-    n, k = w.n, w.k
-    _, bs, rs = w.nvfp4
-    s4 = w.int4[1]
-    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    fmts = {"nvfp4_gemv": lambda t: GV.gemv_w4(x, w.nvfp4_planar, True, k, bs, row_scale=rs, tiles=t),
-            "int4_gemv": lambda t: GV.gemv_w4(x, w.int4_planar, False, k, s4, None, GROUP, tiles=t)}
-    out = []
-    chunks = triton.cdiv(k, 128)
-    for bn, ch, warps in GEMV_SWEEP:
-        auto = max(1, min(triton.cdiv(4 * 132, triton.cdiv(n, bn)), chunks // ch, 16))
-        for split in sorted({max(1, auto // 2), auto, min(chunks // ch or 1, 2 * auto)}):
-            t = GV.GemvTiles(bn, ch, split, warps)
-            for fmt, fn in fmts.items():
-                out.append(_sweep_one(shape, m, fmt, repr(t), t_bf16, lambda: fn(t)))
-    for fmt in fmts:
-        mine = [r for r in out if r and r["fmt"] == fmt]
-        best = min(mine, key=lambda r: r["ms"])
-        print(f"sweep {shape:8} M={m:5d} {fmt:10} best {best['tiles']} {best['ms'] * 1e3:8.1f} us x{best['x_bf16']:.2f}"
-              f"  heuristic {GV.pick_tiles(m, n, k, x.device)}", flush=True)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="llama3-8b", help=f"a preset ({', '.join(PRESETS)}) or shape names")
-    ap.add_argument("--ms", default="")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--json")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--gemv", action="store_true", help="bf16 vs planar MMA vs GEMV only (M 1,2,4 by default)")
     a = ap.parse_args()
-    shapes = shape_names(a.shapes)
-    ms = [int(v) for v in (a.ms or ("1,2,4" if a.gemv else ",".join(map(str, MS)))).split(",")]
-    (gemv_compare if a.gemv else sweep if a.sweep else run)(shapes, ms, a.json)
+    shapes, ms = shape_names(a.shapes), [int(v) for v in a.ms.split(",")]
+    (sweep if a.sweep else run)(shapes, ms, a.json)
 
 
 if __name__ == "__main__":

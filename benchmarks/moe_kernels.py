@@ -1,18 +1,18 @@
-"""One Qwen3-30B-A3B MoE layer at decode: routing + experts, old path vs the GEMV path vs the roofline.
+"""One Qwen3-30B-A3B MoE layer at decode: routing + experts against the roofline.
 
-    PYTHONPATH=. python benchmarks/moe_kernels.py [--ts 1,2,4,8] [--formats bf16,nvfp4,int4] [--sweep] [--json f]
+    PYTHONPATH=. python benchmarks/moe_kernels.py [--ts 1,2,4,8] [--formats bf16,nvfp4,int4] [--json f]
 
 Layer: hidden 2048, 128 experts of intermediate 768, top-8 with renormalised softmax (Qwen3 norm_topk_prob);
 router logits from x @ router.T in bf16. Stacks are random but valid, in the scheme units' stacked
 layouts (lowbit/kernels/moe.py StackOperands): bf16, NVFP4 (E4M3 block scales of ModelOpt magnitude,
 fp32 per-expert global scale), int4 group 128 (compressed-tensors W4A16, symmetric). Each path runs
 route -> experts, captured once in a CUDA graph and replayed under do_bench (L2 flushed before each
-replay), as benchmarks/kernels.py times. "old": align + grouped MMA GEMM + act + grouped GEMM + sum
-(moe.USE_GEMV off); "gemv": moe.USE_GEMV on (4-bit stacks only: two launches, no align).
+replay), as benchmarks/kernels.py times: align + grouped MMA GEMM + act + grouped GEMM + sum.
+(A dot-free GEMV path for 4-bit stacks measured 0.53x of this one at T=1 on an H200 and was
+dropped: docs/kernel-notes.md.)
 Roofline: bytes read (the router weight, the distinct experts' gate_up and down weights and scales
 actually routed to, x and y) at the copy bandwidth measured in the same process. Each path is first
 checked against the stacked reference (grouped_gemm_ref on the dequantized stacks).
---sweep times the GEMV tilings (gemv.MOE_TILES) instead.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 from kernels import bench, copy_bandwidth  # noqa: E402  (benchmarks/kernels.py)
-from lowbit.kernels import gemv, moe  # noqa: E402
+from lowbit.kernels import moe  # noqa: E402
 from lowbit.kernels.moe_ref import Routing  # noqa: E402
 from lowbit.quant import numerics as nm  # noqa: E402
 
@@ -100,7 +100,7 @@ def run(ts, formats, json_path):
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy {bw:.0f} GB/s; Qwen3-30B-A3B MoE layer (E={E}, H={H}, I={I}, "
           f"top-{TOP_K}); us, and fraction of the roofline (bytes read / copy bandwidth)")
-    print(f"{'fmt':6} {'T':>3} {'experts':>7} {'roofline':>9} {'old':>16} {'gemv':>16} {'old/gemv':>8}")
+    print(f"{'fmt':6} {'T':>3} {'experts':>7} {'roofline':>9} {'time':>16}")
     rows = []
     for fmt in formats:
         layer = Layer(fmt)
@@ -108,22 +108,12 @@ def run(ts, formats, json_path):
             x = torch.randn(t, H, dtype=torch.bfloat16, device=DEV)
             ref, ids = layer.reference(x)
             roof = layer.roofline_bytes(t, ids) / bw / 1e6  # ms
-            res = {}
-            for path in ("old", "gemv"):
-                moe.USE_GEMV = path == "gemv"
-                if path == "gemv" and fmt == "bf16":
-                    continue  # the GEMV takes 4-bit stacks only
-                y = layer.forward(x)
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                res[path] = (bench(lambda: layer.forward(x)), err)
-            moe.USE_GEMV = False
-            cell = lambda p: f"{res[p][0] * 1e3:7.1f} {100 * roof / res[p][0]:4.0f}%" if p in res else "-"  # noqa
-            ratio = f"{res['old'][0] / res['gemv'][0]:8.2f}" if "gemv" in res else "       -"
-            print(f"{fmt:6} {t:3d} {int(torch.unique(ids).numel()):7d} {roof * 1e3:9.1f} {cell('old'):>16} "
-                  f"{cell('gemv'):>16} {ratio}   err " + " ".join(f"{p}={e:.1e}" for p, (_, e) in res.items()),
-                  flush=True)
-            rows.append(dict(fmt=fmt, t=t, roofline_ms=roof, **{f"{p}_ms": v[0] for p, v in res.items()},
-                             **{f"{p}_err": v[1] for p, v in res.items()}))
+            y = layer.forward(x)
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            ms = bench(lambda: layer.forward(x))
+            print(f"{fmt:6} {t:3d} {int(torch.unique(ids).numel()):7d} {roof * 1e3:9.1f} {ms * 1e3:7.1f} "
+                  f"{100 * roof / ms:4.0f}%   err {err:.1e}", flush=True)
+            rows.append(dict(fmt=fmt, t=t, roofline_ms=roof, ms=ms, err=err))
         del layer
         torch.cuda.empty_cache()
     if json_path:
@@ -131,47 +121,14 @@ def run(ts, formats, json_path):
             json.dump(dict(copy_gbs=bw, rows=rows), f, indent=1)
 
 
-SWEEP = [dict(bn=bn, ch=ch, warps=w) for bn, ch, w in ((16, 4, 2), (32, 4, 4), (32, 2, 2), (64, 4, 4), (16, 8, 4),
-                                                        (64, 2, 4), (128, 4, 4), (32, 8, 4))]
-
-
-def sweep(ts, formats, json_path):
-    out = []
-    for fmt in formats:
-        if fmt == "bf16":
-            continue
-        layer = Layer(fmt)
-        for t in ts:
-            x = torch.randn(t, H, dtype=torch.bfloat16, device=DEV)
-            moe.USE_GEMV = True
-            best = None
-            for tiles in SWEEP:
-                gemv.MOE_TILES.update(tiles)
-                try:
-                    ms = bench(lambda: layer.forward(x))
-                except Exception as e:  # a tiling that does not compile or fit is reported and skipped
-                    print(f"skip {tiles}: {type(e).__name__}: {str(e)[:80]}")
-                    continue
-                out.append(dict(fmt=fmt, t=t, ms=ms, **tiles))
-                if best is None or ms < best[0]:
-                    best = (ms, dict(tiles))
-            moe.USE_GEMV = False
-            print(f"sweep {fmt:6} T={t}: best {best[1]} {best[0] * 1e3:.1f} us", flush=True)
-        del layer
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(out, f, indent=1)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ts", default="1,2,4,8")
     ap.add_argument("--formats", default="bf16,nvfp4,int4")
-    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()
     ts, formats = [int(v) for v in a.ts.split(",")], a.formats.split(",")
-    (sweep if a.sweep else run)(ts, formats, a.json)
+    run(ts, formats, a.json)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .kernels import invariance
 from .layers.moe import MoEBlock
 from .progress import step
 
@@ -42,7 +43,7 @@ def _load(opts: dict):
                                mtp_agree=opts.get("mtp_agree", False))
     from .commands.generate import load_from_args
 
-    return load_from_args(SimpleNamespace(**opts))
+    return load_from_args(SimpleNamespace(**opts | {"batch_invariant": False}))  # bench() sets the mode
 
 
 def _model_config(opts: dict):
@@ -132,27 +133,25 @@ def bench(opts: dict) -> dict:
     if dev.type == "cuda":  # the load's own transient (e.g. quantizing a synthetic model) is reported apart
         res["load_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    res["prefill"], res["decode"] = {}, {}
-    for p in prompt_lens:
-        say(f"prefill: {p} tokens, batch 1")
-        res["prefill"][str(p)] = prefill_rate(model, p)
-    for b in batches:
-        say(f"decode: batch {b}, {opts['new_tokens']} steps after a {opts['decode_prompt']}-token prompt")
-        res["decode"][str(b)] = decode_rate(model, b, opts["decode_prompt"], opts["new_tokens"], not opts["no_graphs"],
-                                            step_weight_bytes(model, b), res["copy_gbps"])
-    say(f"Model.generate: batch 1, {opts['new_tokens']} tokens")
-    spec, model.speculative = model.speculative, None  # plain decoding here; speculation is timed below
-    try:
-        res["generate_b1_tok_s"] = generate_rate(model, opts["decode_prompt"], opts["new_tokens"])
-    finally:
-        model.speculative = spec
-    if model.speculative is not None:
-        say(f"speculative ({model.speculative.method}, {model.speculative.num_tokens} drafts/step) vs plain: "
-            f"batch 1, {opts['new_tokens']} tokens")
-        res["speculative"] = speculative_rate(model, opts["decode_prompt"], opts["new_tokens"])
+    with invariance.scope(False):
+        res["prefill"], res["decode"] = rates(model, opts, prompt_lens, batches, res["copy_gbps"], say)
+        say(f"Model.generate: batch 1, {opts['new_tokens']} tokens")
+        spec, model.speculative = model.speculative, None  # plain decoding here; speculation is timed below
+        try:
+            res["generate_b1_tok_s"] = generate_rate(model, opts["decode_prompt"], opts["new_tokens"])
+        finally:
+            model.speculative = spec
+        if model.speculative is not None:
+            say(f"speculative ({model.speculative.method}, {model.speculative.num_tokens} drafts/step) vs plain: "
+                f"batch 1, {opts['new_tokens']} tokens")
+            res["speculative"] = speculative_rate(model, opts["decode_prompt"], opts["new_tokens"])
+    if opts.get("batch_invariant"):  # the same measurements with the mode on (fresh engines and graphs)
+        with invariance.scope(True):
+            pre, dec = rates(model, opts, prompt_lens, batches, res["copy_gbps"], say, " (batch-invariant)")
+        res["batch_invariant"] = {"prefill": pre, "decode": dec}
     if dev.type == "cuda":
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
-    res["notes"] = sorted({n for d in res["decode"].values() for n in d.pop("notes")})
+    res["notes"] = sorted({n for d in _decode_results(res) for n in d.pop("notes")})
     del model
     if opts["compare_hf"]:
         say("transformers (bf16): the same shapes")
@@ -164,6 +163,24 @@ def bench(opts: dict) -> dict:
 
 
 # ------------------------------------------------------------------ measurements
+def rates(model, opts: dict, prompt_lens: list[int], batches: list[int], copy_gbps: float, say,
+          label: str = "") -> tuple[dict, dict]:
+    """Prefill rates by prompt length and decode rates by batch size, as the mode now is."""
+    prefill, decode = {}, {}
+    for p in prompt_lens:
+        say(f"prefill: {p} tokens, batch 1{label}")
+        prefill[str(p)] = prefill_rate(model, p)
+    for b in batches:
+        say(f"decode: batch {b}, {opts['new_tokens']} steps after a {opts['decode_prompt']}-token prompt{label}")
+        decode[str(b)] = decode_rate(model, b, opts["decode_prompt"], opts["new_tokens"], not opts["no_graphs"],
+                                     step_weight_bytes(model, b), copy_gbps)
+    return prefill, decode
+
+
+def _decode_results(res: dict) -> list[dict]:
+    return list(res["decode"].values()) + list(res.get("batch_invariant", {}).get("decode", {}).values())
+
+
 def _allocated() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
@@ -377,6 +394,13 @@ def format_table(r: dict) -> str:
     lines += ["", f"{'decode batch':>14} {'tok/s':>10} {'ms/step':>9} {'GB/s':>8} {'of copy BW':>10} {'graphs':>6}"]
     lines += [f"{b:>14} {v['tok_s']:>10.1f} {v['ms_per_step']:>9.3f} {v['gbps']:>8.0f} {v['share_of_copy_bw']:>10.0%} "
               f"{'yes' if v['cuda_graphs'] else 'no':>6}" for b, v in r["decode"].items()]
+    if "batch_invariant" in r:  # the mode's rates beside the default's
+        bi = r["batch_invariant"]
+        lines += ["", "batch-invariant mode (--batch-invariant): rate with the mode on / off"]
+        lines += [f"{'prefill ' + p:>14} {v['tok_s']:>10.0f} tok/s {v['tok_s'] / r['prefill'][p]['tok_s']:>6.2f}x"
+                  for p, v in bi["prefill"].items()]
+        lines += [f"{'decode b' + b:>14} {v['tok_s']:>10.1f} tok/s {v['tok_s'] / r['decode'][b]['tok_s']:>6.2f}x"
+                  for b, v in bi["decode"].items()]
     lines.append(f"\nModel.generate, batch 1: {r['generate_b1_tok_s']:.1f} tok/s")
     if "speculative" in r:
         s = r["speculative"]

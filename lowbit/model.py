@@ -31,6 +31,11 @@ class Model:
         self._tokenizer = None
         self._engine = None
         self.speculative = None  # a speculative.Speculation when loaded with speculative='mtp'
+        if options.batch_invariant:
+            from .kernels import invariance
+
+            invariance.check_model(plan, parallel.current()[1])
+            invariance.set_enabled(True)
 
     def engine(self, slots: int, max_len: int, cuda_graphs: bool | None = None, **cache):
         """The decode engine (lowbit.engine.Engine), kept while it has enough slots and length and the
@@ -152,10 +157,13 @@ def resolve_device(device, tp_size: int = 1) -> torch.device:
 
 def load(path, device=None, dtype=None, activation_quant: str = "auto", kv_cache: str = "auto",
          trust_tensors: bool = False, use_kernels: bool = True, progress: bool = True,
-         speculative: str | None = None, num_speculative_tokens: int = 1) -> Model:
+         speculative: str | None = None, num_speculative_tokens: int = 1,
+         batch_invariant: bool = False) -> Model:
     """Load a checkpoint directory. device: default cuda when available; dtype: default the checkpoint's.
     speculative='mtp': also load the MTP head, and generate drafting num_speculative_tokens tokens per
     step with it (lowbit/speculative.py; greedy only).
+    batch_invariant: a row's logits do not depend on the rest of the batch on the GPU either (fixed
+    GEMM tilings, at some speed; lowbit/kernels/invariance.py); it turns the process-wide mode on.
 
     Inside a tensor-parallel group (lowbit.parallel.launch, torchrun) each rank loads its shard."""
     spec = None
@@ -168,7 +176,7 @@ def load(path, device=None, dtype=None, activation_quant: str = "auto", kv_cache
     tp_rank, tp_size = parallel.current()
     device = resolve_device(device, tp_size)
     options = RunOptions(activation_quant=activation_quant, kv_cache=kv_cache, use_kernels=use_kernels,
-                         trust_tensors=trust_tensors)
+                         trust_tensors=trust_tensors, batch_invariant=batch_invariant)
     plan = resolve(ckpt, trust_tensors=trust_tensors, speculative=speculative)
     dtype = parse_dtype(dtype) or plan.model.dtype
     net, report = load_model(ckpt, plan, device, dtype, options, tp_rank, tp_size, progress=progress and tp_rank == 0)

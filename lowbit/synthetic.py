@@ -179,13 +179,13 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
           dtype: torch.dtype = torch.bfloat16, seed: int = 0, kv_cache: str = "auto",
           activation_quant: str = "auto", use_kernels: bool = True, overrides: dict | None = None,
           speculative: str | None = None, num_speculative_tokens: int = 1, mtp_agree: bool = False,
-          agree_scale: float = AGREE_SCALE) -> Model:
+          agree_scale: float = AGREE_SCALE, batch_invariant: bool = False) -> Model:
     """A random-weight model of CONFIGS[name]'s shapes in `scheme` (bf16 or see SCHEMES).
 
     kv_cache='fp8' gives it an FP8 KV cache with synthetic scales; inside a tensor-parallel group
     each rank builds its shard. speculative='mtp' builds the MTP head too (generation drafts with it);
     mtp_agree draws the weights so that its drafts agree (AGREEMENT, output projections scaled by
-    agree_scale)."""
+    agree_scale). batch_invariant: as lowbit.load's."""
     cfg = parse_model_config(model_config(name, overrides), where=f"--synthetic {name}")
     spec = None
     if speculative is not None:
@@ -198,7 +198,7 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
     sch = parse_scheme(scheme)
     tp_rank, tp_size = parallel.current()
     device = resolve_device(device, tp_size)
-    options = RunOptions(activation_quant=activation_quant, use_kernels=use_kernels)
+    options = RunOptions(activation_quant=activation_quant, use_kernels=use_kernels, batch_invariant=batch_invariant)
     plan = _plan(cfg, sch, lm_head_quant)
     model, linears, targets, plain = build_model(plan, device, dtype, options, tp_rank, tp_size)
     report = LoadReport(notes=[f"synthetic {name}: random weights (std {WEIGHT_STD}), {sch.label()}"

@@ -10,6 +10,8 @@ Prints a table, or JSON with --json. --tp N runs N tensor-parallel ranks (rank 0
 acceptance rate, the speed-up, and whether the tokens are identical); on a --synthetic model
 --mtp-agree draws the MTP weights to agree with the model (lowbit/synthetic.py AGREEMENT), since
 random ones are almost never accepted.
+--batch-invariant measures prefill and decode again with the batch-invariant mode on (lowbit/kernels/
+invariance.py) and reports each rate beside the default's.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ def add_load_options(p):
     p.add_argument("--trust-tensors", action="store_true",
                    help="when the quantization config disagrees with the tensors, resolve from the tensors")
     p.add_argument("--no-kernels", action="store_true", help="run the plain-PyTorch reference paths")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a request's tokens do not depend on what else runs in the batch, on the GPU too (fixed "
+                        "GEMM tilings, at some speed; bench: measure with the mode off and on)")
 
 
 def load_from_args(args, announce: bool = True):
@@ -33,7 +36,8 @@ def load_from_args(args, announce: bool = True):
     model = lowbit.load(args.path, device=args.device, dtype=args.dtype, activation_quant=args.activation_quant,
                         kv_cache=args.kv_cache, trust_tensors=args.trust_tensors, use_kernels=not args.no_kernels,
                         speculative=getattr(args, "speculative", None),
-                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 1))
+                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 1),
+                        batch_invariant=getattr(args, "batch_invariant", False))
     if not quiet:
         r = model.report
         step(f"loaded {r.tensors_read} tensors ({r.bytes_read / 1e6:.1f} MB) on {model.device} in "

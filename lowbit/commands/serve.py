@@ -152,4 +152,4 @@ def _load(args):
 
     return synthetic.build(args.synthetic, args.scheme, device=args.device,
                            dtype=parse_dtype(args.dtype) or torch.bfloat16, activation_quant=args.activation_quant,
-                           use_kernels=not args.no_kernels)
+                           use_kernels=not args.no_kernels, batch_invariant=args.batch_invariant)

@@ -9,6 +9,8 @@ Weight formats (the scheme units' in-memory layouts; `FMT_*`):
   FP8     float8_e4m3fn [N, K], fp32 per-row scale: weight-only with bf16/fp16 x, or W8A8 with
           x already quantized to fp8 (per-token scale in the epilogue).
   I8      int8 [N, K] with int8-quantized x (W8A8): int8 tensor-core dot, int32 accumulator.
+  FLOAT   bf16/fp16/fp32 [N, K] in x's dtype, used as stored (fp32: full-precision dots, no TF32):
+          the batch-invariant mode's unquantized linears (lowbit/kernels/invariance.py).
 
 Tiles are computed transposed ("swap AB"): acc[BN, BM] = W[BN, BK] @ x[BM, BK].T, so the weight is
 the MMA's wide side (64+ rows) and the token count M only has to fill the MMA's narrow side (>= 16):
@@ -29,12 +31,14 @@ import triton
 import triton.language as tl
 
 from . import dequant as dq
+from . import invariance
 
 FMT_NVFP4 = 0
 FMT_INT4 = 1
 FMT_INT8 = 2
 FMT_FP8 = 3
 FMT_I8 = 4
+FMT_FLOAT = 5
 
 SCALE_ELEMENT = 0  # multiply each dequantized weight by its group scale
 SCALE_TILE = 1  # one group spans the K-tile: scale the tile's partial product instead
@@ -46,6 +50,8 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     """tl.dot; UPCAST runs it in fp32 (TRITON_INTERPRET's numpy dot mis-reads bf16 and fp8)."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if a.dtype == tl.float32:  # fp32 operands (FMT_FLOAT): IEEE products, not TF32
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc, out_dtype=acc.dtype)  # int8 dots accumulate in int32
 
 
@@ -68,7 +74,9 @@ def _weight_tile(units, scale, offset, DT: tl.constexpr, FMT: tl.constexpr, HAS_
                  USE_ASM: tl.constexpr):
     """Dequantize one [BN, BK/EPU] tile of stored units to [BN, BK] in DT. scale / offset: per
     unit or per row; the int offset is the storage offset 2^(b-1) plus the zero point."""
-    if FMT == 3:  # fp8 bytes: used as stored (fp8 x) or cast (weight-only)
+    if FMT == 5:  # unquantized, in x's dtype
+        w = units
+    elif FMT == 3:  # fp8 bytes: used as stored (fp8 x) or cast (weight-only)
         w = units.to(tl.float8e4nv, bitcast=True).to(DT)
     elif FMT == 4:  # int8: used as stored (int8 x) or cast (weight-only)
         w = units if DT == tl.int8 else units.to(tl.float32).to(DT)
@@ -213,7 +221,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_tiles(m: int, n: int, k: int, fmt: int, group: int, device: torch.device) -> Tiles:
-    """Tile shape by M bucket, then split K until the grid covers the GPU about twice."""
+    """Tile shape by M bucket, then split K until the grid covers the GPU about twice (in the
+    batch-invariant mode the tiles of M = 1 for every M: lowbit/kernels/invariance.py)."""
+    m = invariance.tiles_m(m)
     if m <= 16:
         t = Tiles(16, 64, 256, warps=4, stages=4)
     elif m <= 32:

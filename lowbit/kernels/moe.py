@@ -37,22 +37,17 @@ import triton
 import triton.language as tl
 
 from . import dequant as dq
+from . import invariance
 from .act_quant import _round_e4m3, quant_rows
 from .moe_ref import Routing, align_ref, grouped_gemm_ref, max_blocks, route_ref  # noqa: F401 (re-exported)
-from .gemm import (FMT_FP8, FMT_I8, FMT_INT4, FMT_INT8, FMT_NVFP4, Tiles, _dot, interpreting,
+from .gemm import (FMT_FLOAT, FMT_FP8, FMT_I8, FMT_INT4, FMT_INT8, FMT_NVFP4, Tiles, _dot, interpreting,
                    scaled_weight_tile)
 
-FMT_FLOAT = 5  # unquantized bf16/fp16 stack, used as stored
 SCALE_ELEMENT, SCALE_TILE, SCALE_NONE, SCALE_BLOCK = 0, 1, 2, 3
 XQ_NONE, XQ_GIVEN, XQ_STATIC = 0, 1, 2  # activations: as they are / quantized before / in the kernel
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "relu2": 2}
 
 interpret_on_cpu = False  # tests only: run the kernels on CPU tensors (needs TRITON_INTERPRET=1)
-# Decode of 4-bit stacks (NVFP4, int4) with at most this many (token, expert) pairs (T <= 8 at top-8): the dot-free GEMV
-# (gemv.moe_gemv) per pair, no align and no padded blocks; the down projection sums each token's
-# experts in its program. Off until measured on a GPU (benchmarks/moe_kernels.py times both paths).
-USE_GEMV = False
-GEMV_MAX_PAIRS = 64
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -210,6 +205,8 @@ class StackOperands:
 
 def pick_block_m(pairs: int, num_experts: int) -> int:
     """Rows per block from the expected pairs per active expert (decode: 16, the MMA's minimum)."""
+    if invariance.enabled():  # a token's block size may not depend on how many share its expert
+        return invariance.MOE_BLOCK_M
     per_expert = pairs / max(1, min(pairs, num_experts))
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64
 
@@ -431,46 +428,13 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     t, k = topk_ids.shape
     e = first.units.shape[0]
     pairs = t * k
-    if USE_GEMV and 0 < pairs <= GEMV_MAX_PAIRS and gemv_covers(first) and gemv_covers(down):
-        return gemv_experts(x, topk_ids, topk_weights, first, down, activation, gated)
     bm = pick_block_m(pairs, e)
     sorted_ids, block_expert, num_padded = align(topk_ids, e, bm)
     h = grouped_gemm(x, first, sorted_ids, block_expert, num_padded, k, pairs, bm)
     a = act_and_mul(h, activation, gated)
     y = grouped_gemm(a, down, sorted_ids, block_expert, num_padded, 1, pairs, bm,
                      routed_weights=topk_weights.reshape(-1).float().contiguous())
-    return y.view(t, k, y.shape[1]).sum(dim=1)
-
-
-def gemv_covers(ops: StackOperands) -> bool:
-    """Whether the GEMV kernel runs this stack: NVFP4 / int4 weight-only, group scales in whole
-    16-element blocks (or per channel)."""
-    if ops.act != "none" or ops.block is not None:
-        return False
-    if ops.fmt == FMT_NVFP4:
-        return ops.k % 8 == 0
-    return ops.fmt == FMT_INT4 and (ops.group == 0 or ops.group % 16 == 0)
-
-
-def gemv_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, first: StackOperands,
-                 down: StackOperands, activation: str = "silu", gated: bool = True) -> torch.Tensor:
-    """fused_experts for a few pairs on the GEMV kernel: one launch per projection, one program per
-    (pair, tile of rows) for the first (act(gate) * up fused) and per (token, tile) for the down
-    projection (each token's experts weighted and summed in order: deterministic)."""
-    from . import gemv
-
-    t, k = topk_ids.shape
-    ids = topk_ids.to(torch.int32).contiguous()
-    h = gemv.moe_gemv(x, *_gemv_operands(first), ids, k, gated=gated, activation=activation)
-    return gemv.moe_gemv(h, *_gemv_operands(down), ids, k, routed_weights=topk_weights.reshape(-1).float().contiguous(),
-                         sum_topk=True)
-
-
-def _gemv_operands(ops: StackOperands):
-    """(words [E, N, KW] int32, nvfp4, k, scale, zero, group, row_scale) in the checkpoint layout."""
-    nvfp4 = ops.fmt == FMT_NVFP4
-    words = ops.units.view(torch.int32) if nvfp4 else ops.units
-    return words, nvfp4, ops.k, ops.scale, ops.zero, 16 if nvfp4 else ops.group, ops.row_scale
+    return invariance.ordered_sum(y.view(t, k, y.shape[1]), dim=1)
 
 
 # ---------------------------------------------------------------- the stacked-experts unit's hook

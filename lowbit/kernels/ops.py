@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import invariance
+
 NVFP4_BLOCK = 16
 # torch._scaled_mm (cuBLASLt, row-wise scales) takes over FP8 W8A8 from the Triton kernel from
 # this many tokens on; below it the swap-AB Triton kernel reads the weight faster (H200, summed
@@ -165,7 +167,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x2 = x.reshape(-1, k)
     xq, xs = quant_rows(x2, torch.float8_e4m3fn, input_scale, amax)
     m = x2.shape[0]
-    if x.is_cuda and m >= SCALED_MM_MIN_M and k % 16 == 0 and n % 16 == 0:
+    if x.is_cuda and m >= SCALED_MM_MIN_M and k % 16 == 0 and n % 16 == 0 and invariance.m_dependent_paths():
         # row-wise scaled FP8 GEMM in cuBLASLt; it only writes bf16
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs[:, None], scale_b=ws[None, :],
                              bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import dequant as dq
-from . import gemv
+from . import invariance
 from .gemm import Tiles, _dot, _sm_count, _splitk_reduce_kernel, interpreting, tile_coords
 
 CHUNK = 128  # K elements per 16 planar words
@@ -227,9 +227,6 @@ def _dense_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, K, stride_wn, stride_
 # per-block scaling costs BM/16 FMAs per weight in the planar kernel, so it switches earlier.
 # (Measured on an H200: docs/kernel-notes.md.)
 DENSE_MIN_M = {True: 128, False: 512}  # by nvfp4
-# Decode (m <= gemv.GEMV_MAX_M) on the dot-free GEMV kernel (lowbit/kernels/gemv.py) instead of the
-# mma.sync kernel below. Off until measured on a GPU (benchmarks/kernels.py times both paths).
-USE_GEMV = False
 
 
 def planar_supported(group: int) -> bool:
@@ -246,6 +243,7 @@ def pick_tiles(m: int, n: int, k: int, device: torch.device, nvfp4: bool = True)
     registers and 2 stages instead: 10 CTAs per SM instead of 8, and twice the K split. Measured on
     an H200 (docs/kernel-notes.md): qkv -5%, down -9%, o +5%; gate_up (12% slower) and lm_head
     (7% slower) keep the default; NVFP4 needs its registers (slower capped at every shape)."""
+    m = invariance.tiles_m(m)  # the batch-invariant mode: M = 1's tiles for every M
     sms, chunks = _sm_count(device), triton.cdiv(k, CHUNK)
     if m <= 16:
         t = Tiles(16, 64, CHUNK, warps=2, stages=4)
@@ -279,11 +277,9 @@ def w4_linear(x: torch.Tensor, planar: torch.Tensor, nvfp4: bool, k: int, scale:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, n = x2.shape[0], planar.shape[0]
-    if m >= (dense_min_m or DENSE_MIN_M[nvfp4]):
+    if m >= (dense_min_m or DENSE_MIN_M[nvfp4]) and invariance.m_dependent_paths():
         w = dense_weight(planar, nvfp4, k, scale, zero, group, row_scale, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
-    if USE_GEMV and 0 < m <= gemv.GEMV_MAX_M and tiles is None:
-        return gemv.gemv_w4(x2, planar, nvfp4, k, scale, zero, group, row_scale, bias).reshape(*lead, n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)

@@ -16,10 +16,10 @@ dimension, added up by one all-reduce at the end.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import parallel
+from ..kernels import invariance
 from ..kernels.moe_ref import Routing, route_ref
 
 
@@ -45,7 +45,7 @@ class Router(nn.Module):
         self.e_score_correction_bias = _poisoned(num_experts, dtype=torch.float32) if correction_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight)
+        return invariance.linear(x.to(self.weight.dtype), self.weight)
 
 
 class MoEBlock(nn.Module):
@@ -85,7 +85,7 @@ class MoEBlock(nn.Module):
         if self.shared_expert is not None:
             s = self.shared_expert(x2)
             if self.shared_expert_gate is not None:
-                s = torch.sigmoid(F.linear(x2, self.shared_expert_gate.weight)) * s
+                s = torch.sigmoid(invariance.linear(x2, self.shared_expert_gate.weight)) * s
             y = y + s
         if self.tp_size > 1:
             parallel.all_reduce(y)

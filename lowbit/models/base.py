@@ -20,12 +20,12 @@ the loader never reach into its modules.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import parallel
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..kernels import invariance
 from ..layers.attention import Attention
 from ..layers.context import CacheSpec, ForwardContext
 from ..layers.norm import RMSNorm
@@ -144,7 +144,7 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            logits = F.linear(hidden, self.model.embed_tokens.weight)
+            logits = invariance.linear(hidden, self.model.embed_tokens.weight)
         else:
             logits = self.lm_head(hidden)
         if self.tp_size > 1:

@@ -88,6 +88,9 @@ class RunOptions:
     kv_cache: str = "auto"  # "auto" (as the checkpoint says) | "bf16" (keep a full-precision cache)
     use_kernels: bool = True  # fast Triton/cuBLAS paths when available; False: plain-PyTorch reference
     trust_tensors: bool = False  # resolve from the tensors when config and tensors disagree
+    # rows computed independently of the batch on the GPU too (lowbit/kernels/invariance.py: the
+    # switch is process-wide; a model built with it on turns it on)
+    batch_invariant: bool = False
     notes: list[str] = field(default_factory=list)
 
 

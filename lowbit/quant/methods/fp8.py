@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...kernels import invariance
 from ...parallel import whole_k_amax
 from ..numerics import fake_quant_fp8_activation
 from . import register
@@ -86,7 +87,7 @@ class FP8Method(QuantMethod):
     def reference_forward(self, layer, x):
         if self.quantize_activations():
             x = self.fake_quant_input(layer, x)
-        return F.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
+        return invariance.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
 
     def fake_quant_input(self, layer, x):
         """x quantized to FP8 and back, with the checkpoint's static scale or a dynamic one per token,

@@ -14,9 +14,9 @@ partial outputs must reach the all-reduce unrounded).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...kernels import invariance
 from ...parallel import whole_k_amax
 from ..numerics import quantize_int8_per_token
 from . import register
@@ -66,7 +66,7 @@ class Int8Method(QuantMethod):
 
     def reference_forward(self, layer, x):
         if not self.quantize_activations():
-            return F.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
+            return invariance.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
         if self.scheme.act_dynamic:
             q, x_scale = quantize_int8_per_token(x, whole_k_amax(x, self.spec))
             zp = None

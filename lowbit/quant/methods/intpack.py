@@ -11,9 +11,9 @@ from __future__ import annotations
 from math import ceil
 
 import torch
-import torch.nn.functional as F
 
 from ...errors import CheckpointError, ConfigError
+from ...kernels import invariance
 from ..numerics import dequant_int, unpack_int32
 from . import register
 from .common import TP_FIX, QuantMethod
@@ -110,7 +110,7 @@ class PackedIntMethod(QuantMethod):
         return dequant_int(q, layer.weight_scale, zp, self.group)
 
     def reference_forward(self, layer, x):
-        return F.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
+        return invariance.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
 
 
 def _rounding_note(scale: torch.Tensor, dtype: torch.dtype) -> str | None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from math import ceil
 
 import torch
-import torch.nn.functional as F
 
+from ...kernels import invariance
 from ..numerics import NVFP4_BLOCK, dequant_nvfp4, fake_quant_nvfp4_activation
 from . import register
 from .common import TP_FIX, QuantMethod, identity, reciprocal
@@ -98,4 +98,4 @@ class NVFP4Method(QuantMethod):
     def reference_forward(self, layer, x):
         if self.quantize_activations():
             x = fake_quant_nvfp4_activation(x, layer.input_scale)
-        return F.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
+        return invariance.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)

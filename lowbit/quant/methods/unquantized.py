@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ...kernels import invariance
 from ..base import LinearMethod, TensorSpec, fill_poison
 
 
@@ -39,7 +39,7 @@ class UnquantizedMethod(LinearMethod):
         return None
 
     def forward(self, layer, x):
-        return F.linear(x, layer.weight, layer.bias)
+        return invariance.linear(x, layer.weight, layer.bias)
 
     def dequantize(self, layer):
         return layer.weight.float()
