@@ -28,6 +28,6 @@ else
   for p in "${pids[@]}"; do wait "$p"; done
   for ((s = 0; s < SHARDS; s++)); do echo "== shard $s"; tail -40 "$OUT/pytest_gpu_$s.log"; done
   echo "== two-GPU tests"
-  "${PYTEST[@]}" -k nccl tests/test_tp.py "$@" 2>&1 | tee "$OUT/pytest_gpu_nccl.log" | tail -20
+  "${PYTEST[@]}" -k nccl tests/test_tp.py tests/test_serve_tp.py "$@" 2>&1 | tee "$OUT/pytest_gpu_nccl.log" | tail -20
 fi
 python3 benchmarks/fixture_errors.py --device cuda --json "$OUT/fixture_errors.json" 2>&1 | tee "$OUT/fixture_errors.txt"

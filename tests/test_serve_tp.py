@@ -24,7 +24,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [100, 3, 77], list(range(10, 50))]  # the last one t
 
 
 CPU = {"CUDA_VISIBLE_DEVICES": ""}  # gloo ranks even where GPUs are
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))]
+DEVICES = ["cpu", pytest.param("cuda", id="nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))]
 
 
 def start(tp: int, env: dict = CPU):
