@@ -26,8 +26,8 @@ and the token t_{i+1} that follows i, and predicts t_{i+2}. Per sequence (`MTPSp
 
 Sampling (temperature > 0) is refused: it needs rejection sampling against the draft distribution,
 which is not implemented. A step is pure device work over a slot list (captured in a CUDA graph per
-batch-size bucket on CUDA, like the engine's decode steps); `stats` counts drafted and accepted
-tokens (the acceptance rate).
+batch-size bucket on CUDA when asked: see MTPSpeculator; eager by default until its capture works on
+the GPU); `stats` counts drafted and accepted tokens (the acceptance rate).
 """
 from __future__ import annotations
 
@@ -76,7 +76,11 @@ class MTPSpeculator:
         n, dev = engine.num_slots + 1, engine.device
         self.pending = torch.zeros(n, num_tokens + 1, dtype=torch.long, device=dev)
         self.length = torch.zeros(n, dtype=torch.long, device=dev)
-        self.cuda_graphs = engine.cuda_graphs if cuda_graphs is None else cuda_graphs and dev.type == "cuda"
+        # Eager by default: capturing the verify step failed on an H200 (a CPU -> GPU copy inside the
+        # step, "Cannot copy between CPU and CUDA tensors during capture"; not found yet), and a failed
+        # capture leaves the process's CUDA RNG unusable ("Offset increment outside graph capture").
+        # MTPSpeculator(..., cuda_graphs=True) still tries (and falls back with a note).
+        self.cuda_graphs = bool(cuda_graphs) and engine.cuda_graphs and dev.type == "cuda"
         self._graphs: dict[int, tuple] = {}
         self._pool = None
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0}

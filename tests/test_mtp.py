@@ -177,8 +177,6 @@ def test_greedy_identical_with_accepts_and_rejects(kind, k, device):
     assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
     assert all(len(r.output_ids) == 24 for r in spec)
     assert 0 < stats["accepted"] < stats["drafted"], stats  # both accepted and rejected drafts occurred
-    if device == "cuda":  # the steps ran as captured CUDA graphs
-        assert not [n for n in model._engine.notes if "without CUDA graphs" in n], model._engine.notes
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,6 +4,7 @@ every rank computes (lowbit/serve/tp.py)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -126,7 +127,9 @@ def _serve(args, sock: socket.socket, model) -> int:
         raise LowbitError(f"the model worker died, so the server stopped: {error}")
     if not server.started:
         raise LowbitError("the server did not start (see the log above)")
-    return 0
+    # Ctrl-C: 130 whatever SIGINT's inherited disposition (uvicorn re-raises the signal after its
+    # graceful shutdown, which does nothing where SIGINT is ignored, e.g. under a background job)
+    return 130 if signal.SIGINT in getattr(server, "_captured_signals", ()) else 0
 
 
 def _listen(host: str, port: int) -> socket.socket:
