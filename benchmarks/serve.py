@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import json
 import math
 import random
@@ -33,10 +34,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
+# When this task's request left the client: the openai client spends time proportional to the
+# prompt building the request (~30 us a token id in its type-driven transform), which is the
+# client's, not the server's; TTFT counts from the send (httpx's request hook), `ttft_call` from the
+# call.
+SENT: contextvars.ContextVar[float | None] = contextvars.ContextVar("sent", default=None)
+
+
+async def _mark_sent(request) -> None:
+    SENT.set(time.perf_counter())
+
+
 async def one_request(client, model: str, prompt: list[int], max_tokens: int) -> dict:
     """Stream one completion; times of its first token and of every later one (return_token_ids:
     a chunk per token, also from a model without a tokenizer, whose chunks have no text)."""
     start = time.perf_counter()
+    SENT.set(None)
     times, tokens = [], 0
     try:
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
@@ -49,21 +62,25 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int) ->
                 tokens = chunk.usage.completion_tokens
     except Exception as e:  # noqa: BLE001 - every failure is a counted error, with its kind
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    return {"ttft": times[0] - start if times else None, "itl": [b - a for a, b in zip(times, times[1:])],
-            "tokens": tokens, "end": time.perf_counter()}
+    sent = SENT.get() or start
+    return {"ttft": times[0] - sent if times else None, "ttft_call": times[0] - start if times else None,
+            "itl": [b - a for a, b in zip(times, times[1:])], "tokens": tokens, "end": time.perf_counter()}
 
 
 async def run_rate(client, model: str, rate: float, requests: int, prompt_len: int, max_tokens: int, vocab: int,
                    rng: random.Random) -> dict:
     """`requests` requests with exponential gaps of mean 1/rate (rate inf: all at once)."""
     tasks = []
-    start = time.perf_counter()
+    served = await server_tokens(client)
+    cpu, start = time.process_time(), time.perf_counter()
     for i in range(requests):
         prompt = [rng.randrange(3, vocab) for _ in range(prompt_len)]
         tasks.append(asyncio.create_task(one_request(client, model, prompt, max_tokens)))
         if math.isfinite(rate) and i + 1 < requests:
             await asyncio.sleep(rng.expovariate(rate))
     results = await asyncio.gather(*tasks)
+    cpu = time.process_time() - cpu
+    served = None if served is None else (await server_tokens(client) or 0) - served
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     wall = max((r["end"] for r in ok), default=time.perf_counter()) - start
@@ -75,7 +92,24 @@ async def run_rate(client, model: str, rate: float, requests: int, prompt_len: i
             "error_kinds": sorted(set(errors))[:5], "wall_s": round(wall, 3),
             "output_tok_s": round(tokens / wall, 1) if wall > 0 else None, "req_s": round(len(ok) / wall, 2),
             "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+            "ttft_call_p50_ms": ms(percentile([r["ttft_call"] for r in ok if r["ttft_call"] is not None], 50)),
+            # the server's own count (/metrics) over the same wall time, and how busy this client was
+            # (near 1.0: the one-process client, not the server, may be what limits the rate)
+            "server_tok_s": round(served / wall, 1) if served is not None and wall > 0 else None,
+            "client_cpu_share": round(cpu / wall, 2) if wall > 0 else None,
             "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99))}
+
+
+async def server_tokens(client) -> float | None:
+    """lowbit_generation_tokens_total from the server's /metrics (None: not a lowbit server)."""
+    try:
+        r = await client._client.get(str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics")
+        for line in r.text.splitlines():
+            if line.startswith("lowbit_generation_tokens_total "):
+                return float(line.split()[1])
+    except Exception:  # noqa: BLE001 - optional: other servers have no such counter
+        return None
+    return None
 
 
 async def prefix_probe(client, model: str, prefix_len: int, repeats: int, vocab: int, rng: random.Random) -> dict:
@@ -106,7 +140,7 @@ async def main_async(args) -> dict:
     client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0,
                                 timeout=args.timeout, http_client=httpx.AsyncClient(
                                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-                                    timeout=args.timeout))
+                                    timeout=args.timeout, event_hooks={"request": [_mark_sent]}))
     models = await client.models.list()
     model = args.model or models.data[0].id
     rng = random.Random(args.seed)
