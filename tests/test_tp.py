@@ -51,7 +51,11 @@ HYBRID = {"qwen3.5-dense": ("qwen3.5-27b", _QWEN35 | {"intermediate_size": 512})
           "nemotron-h-dense": ("nemotron-h-8b", _NEMOTRON | {"hybrid_override_pattern": "M*M-"}),
           "nemotron-h-moe": ("nemotron-h-8b", _NEMOTRON | dict(hybrid_override_pattern="M*ME", n_routed_experts=8,
                                                                num_experts_per_tok=2, moe_intermediate_size=128,
-                                                               moe_shared_expert_intermediate_size=256))}
+                                                               moe_shared_expert_intermediate_size=256)),
+          # the latent MoE: replicated latent projections around experts split on their intermediate
+          "nemotron-h-latent-moe": ("nemotron-h-8b", _NEMOTRON | dict(
+              hybrid_override_pattern="ME", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+              moe_shared_expert_intermediate_size=256, moe_latent_size=128))}
 HYBRID_SCHEMES = ["bf16", "nvfp4"]
 HYBRID_FIXTURES = ["base-qwen3_5-bf16", "base-nemotronh-bf16"]
 SYNTHETIC_MODELS = {"synthetic": ("tiny", None), "synthetic-moe": ("tiny-moe", None)} | HYBRID
@@ -127,7 +131,6 @@ def test_hybrid_families_two_gloo_ranks_equal_tp1():
     ("nemotron-h-dense", {"mamba_num_heads": 6, "n_groups": 3}, "mamba_num_heads 6 is not a multiple of tp=4"),
     ("nemotron-h-dense", {"num_attention_heads": 3, "num_key_value_heads": 1}, "num_attention_heads 3"),
     ("nemotron-h-moe", {"moe_shared_expert_intermediate_size": 255}, "moe_shared_expert_intermediate_size 255"),
-    ("nemotron-h-moe", {"moe_latent_size": 128}, "moe_latent_size is set"),
 ])
 def test_hybrid_tp_refuses_what_does_not_split(kind, extra, field):
     """The families name the config field that does not split (before any weight is built)."""
@@ -340,7 +343,7 @@ def test_two_nccl_ranks():
 @requires_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("kind", ["qwen3.5-dense", "nemotron-h-dense", "synthetic-moe", "qwen3.5-moe",
-                                  "nemotron-h-moe"])
+                                  "nemotron-h-moe", "nemotron-h-latent-moe"])
 def test_two_nccl_ranks_hybrid(kind):
     """A hybrid or MoE model on 2 GPUs (Gated DeltaNet / Mamba2 state caches, experts sharded on
     their intermediate dimension, their kernels, NCCL inside the decode graphs): logits agree with

@@ -16,7 +16,8 @@ All norms are RMSNorm with `layer_norm_epsilon`.
 Tensor parallelism: Mamba2 heads split in whole B/C groups (in_proj column-parallel in its five
 sections, out_proj row-parallel, conv1d/A_log/D/dt_bias/norm through `param_shard`), attention and
 the MLP as every family's, the MoE experts and shared MLP on their intermediate dimension with the
-router replicated and one all-reduce per block. The latent MoE (`moe_latent_size`) runs at tp=1 only.
+router replicated and one all-reduce per block (the latent MoE, `moe_latent_size`: one more, see
+LatentExperts).
 """
 from __future__ import annotations
 
@@ -166,11 +167,11 @@ class NemotronHFamily(Family):
                 slots += expert_slots(f"{p}.experts", cfg.num_experts, width, cfg.moe_intermediate_size,
                                       gated=False)
                 slots += mlp_slots(f"{p}.shared_experts", h, cfg.shared_intermediate_size, cfg.mlp_bias)
-                if cfg.moe_latent_size:
+                if cfg.moe_latent_size:  # replicated under TP: every rank projects the whole latent
                     slots += [LinearSlot(f"{p}.fc1_latent_proj", (f"{p}.fc1_latent_proj",), (width,), h,
-                                         cfg.mlp_bias, "column"),
+                                         cfg.mlp_bias, None),
                               LinearSlot(f"{p}.fc2_latent_proj", (f"{p}.fc2_latent_proj",), (h,), width,
-                                         cfg.mlp_bias, "row")]
+                                         cfg.mlp_bias, None)]
         return slots + lm_head_slot(cfg)
 
     def expected_params(self, cfg):
@@ -202,9 +203,6 @@ class NemotronHFamily(Family):
         if cfg.layers_of["moe"]:
             also |= {"moe_intermediate_size": cfg.moe_intermediate_size,
                      "moe_shared_expert_intermediate_size": cfg.shared_intermediate_size}
-            if cfg.moe_latent_size:
-                refused["moe_latent_size"] = ("the latent projections around the experts are not split; "
-                                              "run it with tp=1")
         parallel.check(cfg, tp, also, refused)
 
     def param_shard(self, cfg, name, tensor, rank, tp):
@@ -228,7 +226,8 @@ class NemotronHFamily(Family):
 
         experts = Experts(linears[f"{p}.experts.up_proj"], linears[f"{p}.experts.down_proj"], cfg.hidden_act)
         if cfg.moe_latent_size:
-            experts = LatentExperts(linears[f"{p}.fc1_latent_proj"], experts, linears[f"{p}.fc2_latent_proj"])
+            experts = LatentExperts(linears[f"{p}.fc1_latent_proj"], experts, linears[f"{p}.fc2_latent_proj"],
+                                    tp_size)
         routing = Routing(top_k=cfg.top_k, scoring="sigmoid", renormalize=cfg.norm_topk_prob,
                           scaling=cfg.routed_scaling_factor, n_group=cfg.n_group, topk_group=cfg.topk_group)
         shared = MLP(linears[f"{p}.shared_experts.up_proj"], linears[f"{p}.shared_experts.down_proj"], cfg.hidden_act)
@@ -248,18 +247,29 @@ def mlp_slots(prefix: str, hidden: int, inter: int, bias: bool) -> list[LinearSl
 
 
 class LatentExperts(nn.Module):
-    """Routed experts that work in a latent space: fc2(experts(fc1(x))) (moe_latent_size)."""
+    """Routed experts that work in a latent space: fc2(experts(fc1(x))) (moe_latent_size).
 
-    def __init__(self, fc1: nn.Module, experts: nn.Module, fc2: nn.Module):
+    Under tensor parallelism the latent projections are replicated and the experts split on their
+    intermediate dimension like any experts: each rank's experts give a partial latent sum, summed
+    across ranks before fc2 (fc2 may quantize its input: it must see the whole sum), and the
+    block's one all-reduce after the shared expert then takes fc2's output from rank 0 only (the
+    others contribute zeros), so the routed part is counted once."""
+
+    def __init__(self, fc1: nn.Module, experts: nn.Module, fc2: nn.Module, tp_size: int = 1):
         super().__init__()
         self.fc1_latent_proj, self.experts, self.fc2_latent_proj = fc1, experts, fc2
         self.num_experts = experts.num_experts
+        self.tp_size = tp_size
 
     def finalize(self):
         return self.experts.finalize()
 
     def forward(self, x, topk_ids, topk_weights):
-        return self.fc2_latent_proj(self.experts(self.fc1_latent_proj(x), topk_ids, topk_weights))
+        latent = self.experts(self.fc1_latent_proj(x), topk_ids, topk_weights)
+        if self.tp_size == 1:
+            return self.fc2_latent_proj(latent)
+        y = self.fc2_latent_proj(parallel.all_reduce(latent))
+        return y if parallel.current()[0] == 0 else torch.zeros_like(y)
 
 
 class NoRotary:
