@@ -136,15 +136,17 @@ def bench(opts: dict) -> dict:
     with invariance.scope(False):
         res["prefill"], res["decode"] = rates(model, opts, prompt_lens, batches, res["copy_gbps"], say)
         say(f"Model.generate: batch 1, {opts['new_tokens']} tokens")
+        ids = torch.randint(3, model.config.vocab_size, (opts["decode_prompt"],)).tolist()
         spec, model.speculative = model.speculative, None  # plain decoding here; speculation is timed below
         try:
-            res["generate_b1_tok_s"] = generate_rate(model, opts["decode_prompt"], opts["new_tokens"])
+            plain = timed_generate(model, ids, opts["new_tokens"])
         finally:
             model.speculative = spec
-        if model.speculative is not None:
-            say(f"speculative ({model.speculative.method}, {model.speculative.num_tokens} drafts/step) vs plain: "
-                f"batch 1, {opts['new_tokens']} tokens")
-            res["speculative"] = speculative_rate(model, opts["decode_prompt"], opts["new_tokens"])
+        res["generate_b1_tok_s"] = opts["new_tokens"] / plain[0]
+        if spec is not None:
+            say(f"speculative ({spec.method}, {spec.num_tokens} drafts/step) vs plain: batch 1, "
+                f"{opts['new_tokens']} tokens")
+            res["speculative"] = speculative_rate(model, ids, opts["new_tokens"], plain)
     if opts.get("batch_invariant"):  # the same measurements with the mode on (fresh engines and graphs)
         with invariance.scope(True):
             pre, dec = rates(model, opts, prompt_lens, batches, res["copy_gbps"], say, " (batch-invariant)")
@@ -288,45 +290,34 @@ def decode_rate(model, batch: int, prompt: int, steps: int, graphs: bool, weight
     return out
 
 
-def generate_rate(model, prompt: int, steps: int) -> float:
-    """Batch-1 tokens/s through Model.generate (host loop, detokenization-free, pipelined)."""
-    ids = torch.randint(3, model.config.vocab_size, (prompt,)).tolist()
-    model.engine(1, prompt + steps)  # sized (and captured, by the warm-up) outside the timing
-    model.generate([ids], max_new_tokens=4, ignore_eos=True)
-    t0 = time.perf_counter()
+def timed_generate(model, ids: list[int], steps: int):
+    """(seconds, run) of one batch-1 Model.stream of `steps` greedy tokens after `ids` (host loop,
+    detokenization-free, pipelined), after an identical warm-up run: the engine it needs (sized by
+    the run itself: speculation needs room for its drafts) is built, compiled and captured outside
+    the timing."""
     model.generate([ids], max_new_tokens=steps, ignore_eos=True)
-    return steps / (time.perf_counter() - t0)
+    _sync(model.device)
+    t0 = time.perf_counter()
+    run = model.stream([ids], max_new_tokens=steps, ignore_eos=True)
+    for _ in run:
+        pass
+    _sync(model.device)
+    return time.perf_counter() - t0, run
 
 
-def speculative_rate(model, prompt: int, steps: int) -> dict:
-    """Batch-1 greedy Model.generate with the model's speculation against plain decoding (same prompt,
-    same model): tokens/s of both, the speed-up, the acceptance rate (accepted / drafted tokens), the
-    tokens gained per verify step, and whether both gave the same tokens (they must)."""
+def speculative_rate(model, ids: list[int], steps: int, plain) -> dict:
+    """Batch-1 greedy generation with the model's speculation against plain decoding of the same
+    prompt (`plain`: timed_generate's (seconds, run) with speculation off): tokens/s of both, the
+    speed-up, the acceptance rate (accepted / drafted tokens), the tokens gained per verify step, and
+    whether both gave the same tokens (they must)."""
     spec = model.speculative
-    ids = torch.randint(3, model.config.vocab_size, (prompt,)).tolist()
-
-    def timed():
-        model.generate([ids], max_new_tokens=4, ignore_eos=True)  # warm-up (sizes the engine, compiles)
-        _sync(model.device)
-        t0 = time.perf_counter()
-        run = model.stream([ids], max_new_tokens=steps, ignore_eos=True)
-        for _ in run:
-            pass
-        _sync(model.device)
-        return time.perf_counter() - t0, run
-
-    try:
-        model.speculative = None
-        t_plain, plain = timed()
-    finally:
-        model.speculative = spec
-    t_spec, run = timed()
+    (t_plain, plain_run), (t_spec, run) = plain, timed_generate(model, ids, steps)
     st = run.spec_stats
     out = {"method": spec.method, "num_speculative_tokens": spec.num_tokens,
            "acceptance_rate": st["acceptance_rate"], "drafted": st["drafted"], "accepted": st["accepted"],
            "tokens_per_step": (steps - 1) / max(1, st["steps"]),  # the first token comes from the prefill
            "plain_tok_s": steps / t_plain, "tok_s": steps / t_spec, "speedup": t_plain / t_spec,
-           "identical": run.results[0].output_ids == plain.results[0].output_ids}
+           "identical": run.results[0].output_ids == plain_run.results[0].output_ids}
     agree = [n for n in model.report.notes if n.startswith("MTP weights drawn to agree")]
     if agree:
         out["construction"] = agree[0]

@@ -24,13 +24,13 @@ def default_device() -> torch.device:
 
 class Model:
     def __init__(self, net: torch.nn.Module, plan: QuantPlan, report: LoadReport, path: Path | None,
-                 device: torch.device, dtype: torch.dtype, options: RunOptions):
+                 device: torch.device, dtype: torch.dtype, options: RunOptions, speculative=None):
         self.net, self.plan, self.report, self.path = net, plan, report, path
         self.config = plan.model
         self.device, self.dtype, self.options = device, dtype, options
         self._tokenizer = None
         self._engine = None
-        self.speculative = None  # a speculative.Speculation when loaded with speculative='mtp'
+        self.speculative = speculative  # a speculative.Speculation when loaded with speculative='mtp'
         if options.batch_invariant:
             from .kernels import invariance
 
@@ -182,6 +182,4 @@ def load(path, device=None, dtype=None, activation_quant: str = "auto", kv_cache
     net, report = load_model(ckpt, plan, device, dtype, options, tp_rank, tp_size, progress=progress and tp_rank == 0)
     net.eval()
     ckpt.close()
-    model = Model(net, plan, report, path, device, dtype, options)
-    model.speculative = spec
-    return model
+    return Model(net, plan, report, path, device, dtype, options, spec)

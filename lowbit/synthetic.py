@@ -238,9 +238,7 @@ def build(name: str, scheme: str = "bf16", *, lm_head_quant: bool = False, devic
                 attn.k_scale, attn.v_scale = scale, scale
     finish_loading(model, linears, report, f"--synthetic {name}")
     model.eval()
-    out = Model(model, plan, report, None, device, dtype, options)
-    out.speculative = spec
-    return out
+    return Model(model, plan, report, None, device, dtype, options, spec)
 
 
 class _Agreement:

@@ -136,9 +136,9 @@ def resolve(ckpt: Checkpoint, trust_tensors: bool = False, speculative: str | No
 def enable_speculative(cfg: ModelConfig, method: str, where: str, tensors=None) -> None:
     """Turn on the drafting head `method` asks for (only 'mtp'), or refuse naming why."""
     from ..errors import LowbitError
+    from ..speculative import Speculation
 
-    if method != "mtp":
-        raise LowbitError(f"unknown speculative method {method!r}; the one supported is 'mtp'")
+    Speculation(method)  # refuses an unknown method
     fam = family(cfg)
     fam.enable_mtp(cfg, where)
     if tensors is not None and not any(fam.sanitize(n).startswith("mtp.") for n in tensors):
