@@ -61,7 +61,7 @@ print("# seconds per test file on the GPU (benchmarks/gpu_check.sh)")
 for name, t in secs.most_common():
     print(name, round(t, 1))
 PY
-  echo "== two-GPU tests"
-  "${PYTEST[@]}" -k nccl tests/test_tp.py tests/test_serve_tp.py "$@" 2>&1 | tee "$OUT/pytest_gpu_nccl.log" | tail -20
+  echo "== two-GPU tests"  # NCCL_K narrows them (a pytest -k expression), e.g. NCCL_K="nccl and hybrid"
+  "${PYTEST[@]}" -k "${NCCL_K:-nccl}" tests/test_tp.py tests/test_serve_tp.py "$@" 2>&1 | tee "$OUT/pytest_gpu_nccl.log" | tail -20
 fi
 python3 benchmarks/fixture_errors.py --device cuda --json "$OUT/fixture_errors.json" 2>&1 | tee "$OUT/fixture_errors.txt"

@@ -64,6 +64,43 @@ class Tokens:
         return self.host.tolist()
 
 
+def capture_graph(fn, pool, warmup: int = 2):
+    """(graph, fn's outputs) of `fn` captured in a CUDA graph, after `warmup` runs on a side stream
+    (which compile kernels and create handles outside the capture). A capture that fails raises
+    RuntimeError after putting the device's RNG back in order: torch leaves the default CUDA
+    generator marked as capturing, and every later random draw on that device would fail ("Offset
+    increment outside graph capture encountered unexpectedly")."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g, pool=pool):
+            out = fn()
+    except Exception as e:
+        _reset_cuda_rng()
+        raise RuntimeError(str(e)) from e
+    return g, out
+
+
+def _reset_cuda_rng() -> None:
+    """Give the current device's default generator a fresh state (same seed and offset) that is not
+    marked as capturing; a no-op where torch lacks graphsafe_set_state."""
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - the capture's error may resurface here; the state is what matters
+        pass
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    if not hasattr(gen, "graphsafe_set_state"):
+        return
+    fresh = torch.Generator(device=gen.device)
+    fresh.set_state(gen.get_state())
+    gen.graphsafe_set_state(fresh)
+
+
 class Engine:
     """num_slots sequences at most, each up to max_len positions; the KV pool holds num_blocks blocks
     of block_size positions (default: enough for every slot at max_len). prefix_caching: None = on
@@ -271,19 +308,10 @@ class Engine:
             return self._graphs[bucket]
         slot_ids = torch.full((bucket,), self.cache.pad_slot, dtype=torch.long, device=self.device)
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture: compiles kernels, creates handles
-                for _ in range(2):
-                    self._decode_logits(slot_ids)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool):
-                logits = self._decode_logits(slot_ids)
+            g, logits = capture_graph(lambda: self._decode_logits(slot_ids), self._pool)
         except RuntimeError as e:
             self.cuda_graphs = False
             self.notes.append(f"CUDA graphs off: capturing a batch of {bucket} failed ({str(e).splitlines()[0]})")
-            torch.cuda.synchronize()
             return None
         self._graphs[bucket] = (g, slot_ids, logits)
         return self._graphs[bucket]

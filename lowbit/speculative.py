@@ -26,8 +26,7 @@ and the token t_{i+1} that follows i, and predicts t_{i+2}. Per sequence (`MTPSp
 
 Sampling (temperature > 0) is refused: it needs rejection sampling against the draft distribution,
 which is not implemented. A step is pure device work over a slot list (captured in a CUDA graph per
-batch-size bucket on CUDA when asked: see MTPSpeculator; eager by default until its capture works on
-the GPU); `stats` counts drafted and accepted tokens (the acceptance rate).
+batch-size bucket on CUDA: see MTPSpeculator; eager, with a note, where capture fails); `stats` counts drafted and accepted tokens (the acceptance rate).
 """
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine import capture_graph
 from .errors import LowbitError
 
 
@@ -76,11 +76,7 @@ class MTPSpeculator:
         n, dev = engine.num_slots + 1, engine.device
         self.pending = torch.zeros(n, num_tokens + 1, dtype=torch.long, device=dev)
         self.length = torch.zeros(n, dtype=torch.long, device=dev)
-        # Eager by default: capturing the verify step failed on an H200 (a CPU -> GPU copy inside the
-        # step, "Cannot copy between CPU and CUDA tensors during capture"; not found yet), and a failed
-        # capture leaves the process's CUDA RNG unusable ("Offset increment outside graph capture").
-        # MTPSpeculator(..., cuda_graphs=True) still tries (and falls back with a note).
-        self.cuda_graphs = bool(cuda_graphs) and engine.cuda_graphs and dev.type == "cuda"
+        self.cuda_graphs = cuda_graphs is not False and engine.cuda_graphs and dev.type == "cuda"
         self._graphs: dict[int, tuple] = {}
         self._pool = None
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0}
@@ -159,7 +155,7 @@ class MTPSpeculator:
         mctx.verify = True
         mh = self.net.mtp_forward(target, hidden, pos, mctx)
         self.length[sid] = start + accepted + 1
-        self.length[-1] = 0  # the pad slot stays at position 0
+        self.length[-1:].zero_()  # the pad slot stays at position 0 (a device op: `= 0` copies from the host)
         self._draft(sid, target[rows, accepted], mh[rows, accepted], start + accepted + 1)
         return target, accepted
 
@@ -183,20 +179,11 @@ class MTPSpeculator:
         sid = torch.full((bucket,), e.cache.pad_slot, dtype=torch.long, device=e.device)
         try:
             self._pool = self._pool or torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (on the pad slot only)
-                for _ in range(2):
-                    self._device_step(sid)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool):
-                target, accepted = self._device_step(sid)
-        except RuntimeError as err:
+            g, (target, accepted) = capture_graph(lambda: self._device_step(sid), self._pool)
+        except RuntimeError as err:  # (warm-up on the pad slot only)
             self.cuda_graphs = False
             e.notes.append(f"speculative steps without CUDA graphs: capturing a batch of {bucket} failed "
                            f"({str(err).splitlines()[0]})")
-            torch.cuda.synchronize()
             return None
         self._graphs[bucket] = (g, sid, target, accepted)
         return self._graphs[bucket]

@@ -144,3 +144,39 @@ def test_cuda_graphs_give_the_same_greedy_tokens(scheme):
         runs.append([r.output_ids for r in model.generate(prompts, max_new_tokens=40, ignore_eos=True)])
     assert model._engine.cuda_graphs, model._engine.notes
     assert runs[0] == runs[1]
+
+
+@requires_cuda
+def test_failed_capture_falls_back_and_leaves_the_rng_usable():
+    """A decode step that cannot be captured (a host sync inside) runs eagerly with a note, and the
+    device's random numbers still work afterwards (torch leaves its generator marked as capturing)."""
+    from lowbit.engine import capture_graph
+
+    with pytest.raises(RuntimeError):
+        capture_graph(lambda: torch.ones(3, device="cuda").sum().item(), torch.cuda.graph_pool_handle())
+    assert torch.isfinite(torch.randn(8, device="cuda")).all()
+    model = synthetic.build("small", "bf16", device="cuda", seed=fresh_seed())
+    e = model.engine(2, 64, cuda_graphs=True)
+    real = e._decode_logits
+    e._decode_logits = lambda ids: real(ids) + float(ids.sum()) * 0  # a host read: not capturable
+    out = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=4, ignore_eos=True, temperature=1.0, seed=3)
+    assert not e.cuda_graphs and "CUDA graphs off" in " ".join(e.notes)
+    assert all(len(r.output_ids) == 4 for r in out)
+    assert torch.isfinite(torch.randn(8, device="cuda")).all()
+
+
+@requires_cuda
+def test_moe_without_expert_kernels_is_captured():
+    """float32 MoE on the GPU (no expert kernel: the reference path) is captured in the decode graph
+    and gives the eager tokens."""
+    over = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+    model = synthetic.build("qwen3-30b-a3b", device="cuda", dtype=torch.float32, overrides=over, seed=fresh_seed())
+    prompts = [[5, 17, 300, 42, 9], [100, 200, 300]]
+    runs = []
+    for graphs in (False, True):
+        model._engine = None
+        model.engine(len(prompts), 64, cuda_graphs=graphs)
+        runs.append([r.output_ids for r in model.generate(prompts, max_new_tokens=12, ignore_eos=True)])
+    assert model._engine.cuda_graphs, model._engine.notes
+    assert runs[0] == runs[1]

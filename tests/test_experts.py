@@ -145,6 +145,20 @@ def test_reference_forward_is_the_per_expert_sum():
     assert ((y - want).norm() / want.norm()).item() < 1e-6
 
 
+def test_capturable_reference_equals_the_reference():
+    """The sync-free reference (used inside a CUDA-graph capture) gives the reference's values: every
+    expert on every row, each row keeping only its own experts, including experts no row routes to."""
+    scheme = SCHEMES["ct-w4a16-g32-asym"]
+    experts, _ = build_experts(scheme, num_experts=4)
+    h, _ = dims(scheme)
+    x = torch.randn(5, h)
+    ids, w = routed(5, 4, 2)
+    ids[:, 0] = torch.where(ids[:, 0] == 3, 0, ids[:, 0])  # expert 3: at most in the second slot
+    want = experts.reference(x, ids, w)
+    got = experts._reference_capturable(x, ids, w, torch.zeros_like(x))
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
 def test_fused_transformers_form_equals_per_expert():
     """transformers 5's experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I] load like per expert."""
     experts, disk = build_experts(Scheme(weight="bf16"), num_experts=3, dtype=torch.bfloat16)

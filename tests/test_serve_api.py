@@ -53,7 +53,10 @@ def test_completion_logprobs_equal_log_softmax_of_the_logits(client, ref):
         got = c.logprobs.top_logprobs[i]
         assert set(want) <= set(got) and all(got[k] == pytest.approx(v, abs=1e-4) for k, v in want.items())
         assert t == int(row.argmax())  # greedy: the top token
-    assert "".join(c.logprobs.tokens) == c.text or c.finish_reason == "stop"
+    # the text skips special tokens (a random tiny model may emit <s>); their logprob entries stay
+    special = set(ref.tokenizer.all_special_ids)
+    kept = "".join(s for s, t in zip(c.logprobs.tokens, out) if t not in special)
+    assert kept == c.text or c.finish_reason == "stop"
     assert c.logprobs.text_offset[0] == 0 and c.logprobs.text_offset == sorted(c.logprobs.text_offset)
 
 
@@ -228,25 +231,35 @@ def test_stop_token_ids_min_tokens_and_include_stop(client, ref):
     assert r.choices[0].text == text[:text.find(stop) + len(stop)]
 
 
+PENALTY_PROMPTS = [PROMPT, "a b a b a b a", "the the the the", "Once upon a time, once upon a time"]
+
+
 @pytest.mark.parametrize("penalty", [{"repetition_penalty": 3.0}, {"frequency_penalty": 2.0},
                                      {"presence_penalty": 2.0, "frequency_penalty": -0.5}])
 def test_penalties_equal_a_step_by_step_reference(client, ref, penalty):
-    prompt = ref.encode(PROMPT)
+    def adjust_for(prompt):
+        def adjust(x, out):
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=x.shape[0]).float()
+            if "repetition_penalty" in penalty:
+                p = penalty["repetition_penalty"]
+                seen = counts > 0
+                seen[prompt] = True
+                x = torch.where(seen, torch.where(x > 0, x / p, x * p), x)
+            return x - penalty.get("frequency_penalty", 0) * counts - penalty.get("presence_penalty", 0) * (counts > 0)
+        return adjust
 
-    def adjust(x, out):
-        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=x.shape[0]).float()
-        if "repetition_penalty" in penalty:
-            p = penalty["repetition_penalty"]
-            seen = counts > 0
-            seen[prompt] = True
-            x = torch.where(seen, torch.where(x > 0, x / p, x * p), x)
-        return x - penalty.get("frequency_penalty", 0) * counts - penalty.get("presence_penalty", 0) * (counts > 0)
-
-    want = greedy_ref(ref, prompt, 24, adjust)
-    r = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=24, temperature=0,
+    # the first prompt whose greedy continuation the penalty changes (which one depends on the random
+    # tiny model: with no repeated token in 24, a frequency penalty changes nothing)
+    for text in PENALTY_PROMPTS:
+        prompt = ref.encode(text)
+        want = greedy_ref(ref, prompt, 24, adjust_for(prompt))
+        if want != greedy_ref(ref, prompt, 24):
+            break
+    else:
+        pytest.fail(f"{penalty} changes the greedy output of none of {PENALTY_PROMPTS}: nothing to compare")
+    r = client.completions.create(model="tiny-chat", prompt=text, max_tokens=24, temperature=0,
                                   extra_body=penalty | {"ignore_eos": True, "return_token_ids": True})
     assert ids_of(r.choices[0]) == want
-    assert want != greedy_ref(ref, prompt, 24)  # the penalty changed something
 
 
 def test_min_p_one_keeps_only_the_top_token(client):

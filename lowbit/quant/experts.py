@@ -289,6 +289,8 @@ class Experts(nn.Module):
     def reference(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Plain PyTorch, expert by expert in ascending order (as transformers' experts loop)."""
         out = torch.zeros_like(x)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._reference_capturable(x, topk_ids, topk_weights, out)
         for e in torch.unique(topk_ids).tolist():
             if not 0 <= e < self.num_experts:
                 raise ValueError(f"{self.first.spec.name}: routed to expert {e}, but there are {self.num_experts}")
@@ -296,6 +298,18 @@ class Experts(nn.Module):
             h = self.act(self.first.reference(x[tok], e))
             y = self.down.reference(h, e) * topk_weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+    def _reference_capturable(self, x, topk_ids, topk_weights, out):
+        """The reference without host syncs (inside a CUDA-graph capture, where the experts a batch
+        routes to cannot be read back): every expert on every row, in the same ascending order, each
+        row taking only the experts it was routed to. E times the work; only for models whose experts
+        have no kernel on the GPU (e.g. float32)."""
+        for e in range(self.num_experts):
+            hit = topk_ids == e  # [T, k]
+            w = (topk_weights * hit).sum(dim=1, keepdim=True)  # a row routes to an expert at most once
+            y = self.down.reference(self.act(self.first.reference(x, e)), e) * w
+            out += torch.where(hit.any(dim=1, keepdim=True), y, torch.zeros_like(y)).to(out.dtype)
         return out
 
 
