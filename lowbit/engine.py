@@ -253,7 +253,9 @@ class Engine:
         self._grow([slot], [start + t])
         x = self._to_device([ids])
         pos = torch.arange(start, start + t, device=self.device)[None]
-        hidden = self.net(x, pos, self._context(self._to_device([slot]), pos, decode=False, fresh=start == 0))
+        ctx = self._context(self._to_device([slot]), pos, decode=False, fresh=start == 0)
+        ctx.key_len = start + t  # (known here: attention need not read it back from the device)
+        hidden = self.net(x, pos, ctx)
         self.lengths[slot] = start + t
         if slot in self._prompt:
             self._prompt[slot] += list(ids)

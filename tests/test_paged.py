@@ -205,3 +205,32 @@ def test_running_stream_gets_a_token_every_step_while_a_long_prompt_prefills(tin
     while scheduler.busy:
         scheduler.step()
     assert a.out == greedy_reference(tiny, a.prompt, 30) and b.out == greedy_reference(tiny, b.prompt, 3)
+
+
+def test_a_later_chunk_reads_no_value_back_from_the_device(tiny, monkeypatch):
+    """A chunk after cached positions knows its key length on the host (ForwardContext.key_len) and
+    makes the key rows once per step, not once per layer: no host sync inside the forward."""
+    from lowbit.kernels import decoder
+
+    e = tiny.engine(1, 64)
+    slot = e.acquire()
+    ids = torch.randint(3, 512, (40,)).tolist()
+    e.begin(slot, ids[:24], cached=False)
+    e.extend(slot, ids[:24], sample_next=False)
+    whole = tiny.logits(torch.tensor([ids]))[0, 24:]
+    calls = []
+    real_rows = decoder.cache_rows
+    monkeypatch.setattr(decoder, "cache_rows", lambda *a: calls.append(1) or real_rows(*a))
+
+    def no_sync(self, *a):
+        raise AssertionError("a value was read back from the device inside the forward")
+
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__int__", no_sync)
+        m.setattr(torch.Tensor, "item", no_sync)
+        e.extend(slot, ids[24:], sample_next=False, on_hidden=seen.append)
+    assert len(tiny.net.model.layers) > 1 and len(calls) == 1  # the prefix's rows, shared by the layers
+    got = tiny.net.compute_logits(seen[0][0]).float()
+    assert ((got - whole).norm() / whole.norm()).item() < 1e-5
+    e.release(slot)

@@ -92,9 +92,13 @@ def cached_prefix_attention(q, k_pool, v_pool, ctx: ForwardContext, scale, k_sca
     """Queries q [B, T, H, D] at ctx.positions (already stored with their keys) against every cached
     key of their sequence up to their own position -> [B, T, H, D]. Keys are gathered through the
     block tables (a prefill step, not graph-captured: the gathered length may vary)."""
-    length = int(ctx.positions.max()) + 1
-    keys = torch.arange(length, device=q.device)
-    rows = decoder.cache_rows(ctx.block_tables, ctx.slots, keys[None].expand(q.shape[0], length), k_pool.shape[1])
+    bs = k_pool.shape[1]
+    if ("prefix_rows", bs) not in ctx.shared:  # the same for every layer of the step
+        length = ctx.key_len if ctx.key_len is not None else int(ctx.positions.max()) + 1
+        keys = torch.arange(length, device=q.device)
+        rows = decoder.cache_rows(ctx.block_tables, ctx.slots, keys[None].expand(q.shape[0], length), bs)
+        ctx.shared["prefix_rows", bs] = keys, rows
+    keys, rows = ctx.shared["prefix_rows", bs]
     k, v = k_pool.flatten(0, 1)[rows], v_pool.flatten(0, 1)[rows]
     if k_scale is not None:
         k, v = decoder.dequantize_kv(k, k_scale, q.dtype), decoder.dequantize_kv(v, v_scale, q.dtype)

@@ -50,6 +50,8 @@ class ForwardContext:
               decode kernel, one query per token; recurrent layers one step at a time). Recurrent layers
               leave their slot's state untouched and put the state after every token in
               steps[layer_idx] = {name: [T, B, *shape]}; the caller keeps the accepted one.
+    key_len   a prefill with fresh False: how many key positions its rows read (max position + 1), as the
+              engine knows it on the host; None: attention reads it from `positions` (a host sync per layer).
     """
 
     slots: torch.Tensor
@@ -61,6 +63,8 @@ class ForwardContext:
     rows: torch.Tensor | None = None
     verify: bool = False
     steps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    key_len: int | None = None
+    shared: dict = field(default_factory=dict)  # what every layer of the step computes alike, made once
 
     def cache(self, layer_idx: int) -> dict[str, torch.Tensor]:
         return self.caches[layer_idx]
