@@ -131,6 +131,13 @@ def _check_decode_attention(dt, device, d):
             assert rel_err(b, c) < (1e-5 if dt == torch.float32 else 1e-2), (dt, d, fp8, window)
         full = ops.decode_attention_ref(q, kp, vp, tables, slots, pos, d ** -0.5, ks, vs)
         assert rel_err(ops.decode_attention_ref(q, kp, vp, tables, slots, pos, d ** -0.5, ks, vs, 16), full) > 1e-3
+        # speculative verify at batch 1: one slot expanded over its tokens is a stride-0 view
+        one = torch.tensor([[3]], device=device).expand(1, 3).reshape(-1)
+        assert one.stride() == (0,)
+        vpos = torch.tensor([[90, 91, 92]], device=device).reshape(-1)
+        a = ops.decode_attention(q, kp, vp, tables, one, vpos, d ** -0.5, ks, vs)
+        b = ops.decode_attention_ref(q, kp, vp, tables, one.contiguous(), vpos, d ** -0.5, ks, vs)
+        assert rel_err(a, b) < (1e-5 if dt == torch.float32 else 1e-2), (dt, d, fp8, "stride-0 slots")
 
 
 @pytest.mark.skipif(not ops.INTERPRET, reason="needs TRITON_INTERPRET=1 before triton loads")

@@ -190,6 +190,8 @@ def test_agreeing_construction_accepts_every_draft(kind, device):
     assert stats["acceptance_rate"] > 0.95, stats
     if device == "cuda":  # the verify/draft steps were replayed from CUDA graphs
         assert model._engine.speculator.cuda_graphs, model._engine.notes
+    plain, spec, _ = plain_and_spec(model, PROMPTS[:1], 12)  # batch 1 (bench's case: one slot per verify row)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
     assert stats["steps"] <= 2 * 6  # 15 tokens after the first, 3 per step
 
 
@@ -252,3 +254,20 @@ def test_inspect_reports_the_head_as_used_with_speculation(tmp_path, capsys):
     assert {"mtp.fc", "mtp.layers.0.self_attn.q_proj", "mtp.layers.0.mlp.shared_expert.down_proj"} <= names
     assert main(["inspect", str(tmp_path), "--speculative", "mtp"]) == 0
     assert "mtp.fc" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not __import__("lowbit.kernels.decoder", fromlist=["x"]).INTERPRET,
+                    reason="needs TRITON_INTERPRET=1 before triton loads")
+def test_speculation_on_the_kernels_in_the_interpreter(monkeypatch):
+    """Batch 1 through the decode kernels (Triton's interpreter on CPU): each verify row is the same
+    slot (a stride-0 slot view once made the attention kernel read past it: an illegal memory access
+    on the H200 at Qwen3.5-27B's shapes)."""
+    from lowbit.kernels import decoder
+
+    monkeypatch.setattr(decoder, "interpret_on_cpu", True)
+    name, over = SYNTH["dense"]
+    model = synthetic.build(name, device="cpu", dtype=torch.float32, overrides=over, speculative="mtp",
+                            num_speculative_tokens=2, mtp_agree=True)
+    plain, spec, stats = plain_and_spec(model, PROMPTS[:1], 8)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert stats["accepted"] > 0

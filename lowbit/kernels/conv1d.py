@@ -138,6 +138,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, slot
                           f"got {list(conv_state.shape)} with strides {conv_state.stride()}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
+    slots = slots.contiguous() if slots is not None else None  # (read at offset row: see decode_attention)
     y = torch.empty(b, c, dtype=x.dtype, device=x.device)
     bc = 256
     _conv_update_kernel[(b, triton.cdiv(c, bc))](

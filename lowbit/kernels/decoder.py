@@ -179,6 +179,9 @@ def decode_attention(q, k_cache, v_cache, block_tables, slots, positions, scale,
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     g = h // hkv
+    # the kernel reads row b's slot and position at offset b: a stride-0 view (one slot expanded over a
+    # verify step's tokens) would make it read past the tensor
+    slots, positions = slots.contiguous(), positions.contiguous()
     out = torch.empty_like(q)
     fp8 = k_scale is not None
     _decode_attention_kernel[(b, hkv)](

@@ -175,7 +175,7 @@ def gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, state, slots, scale=N
                           f"state {list(state.shape)} {state.dtype}")
     scale = dk ** -0.5 if scale is None else scale
     q, k, v = (x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous() for x in (q, k, v))
-    a, b = a.contiguous(), b.contiguous()
+    a, b, slots = a.contiguous(), b.contiguous(), slots.contiguous()  # (read at offset row: see decode_attention)
     o = torch.empty(bsz, hv, dv, dtype=q.dtype, device=q.device)
     bk, bvf = _pow2(dk, 1), _pow2(dv, 1)
     bv = min(bvf, 32)

@@ -145,7 +145,7 @@ def ssd_scan(x, dt, A_log, B, C, D, dt_bias, dt_limit, state=None, slots=None, l
     y = torch.empty(b, t, h, p, dtype=out_dtype, device=x.device)
     has_state = state is not None
     st = state if has_state else y  # dummy pointer, never touched
-    sl = slots if has_state else torch.zeros(b, dtype=torch.int64, device=x.device)  # read, never used
+    sl = slots.contiguous() if has_state else torch.zeros(b, dtype=torch.int64, device=x.device)  # read, never used
     bp = min(32, max(16, triton.next_power_of_2(p)))
     bn = max(16, triton.next_power_of_2(n))
     grid = (b, h, triton.cdiv(p, bp))
@@ -171,6 +171,7 @@ def ssd_step(state, slots, x, dt, A_log, B, C, D, dt_bias, dt_limit, out_dtype=N
     g, n = B.shape[-2:]
     _check_shapes(x, B, dt=dt, C=C, state=state)
     y = torch.empty(b, h, p, dtype=out_dtype, device=x.device)
+    slots = slots.contiguous()  # read at offset row (a stride-0 view would be read past its end)
     bn = triton.next_power_of_2(n)
     bp = max(1, min(triton.next_power_of_2(p), 4096 // bn))
     grid = (b, h, triton.cdiv(p, bp))
