@@ -341,3 +341,30 @@ def test_long_lived_objects_are_kept_out_of_the_garbage_collector(model_dir):
         assert gc.get_freeze_count() > 10000
         assert httpx.get(url + "/health").status_code == 200
     assert gc.get_freeze_count() == 0
+
+
+def test_queued_stream_events_go_out_in_one_write(model_dir):
+    """A stream that fell behind writes every event already queued at once (one send, not one per
+    token); the events themselves are unchanged."""
+    import asyncio
+
+    from lowbit.generate import StreamEvent
+    from lowbit.serve.protocol import CompletionRequest
+    from lowbit.serve.respond import Shape
+
+    model = lowbit.load(model_dir, device="cpu", dtype="float32", progress=False)
+    service = create_app(model, max_batch=2, max_len=MAX_LEN).state.service
+    body = CompletionRequest(model="tiny-chat", prompt=[5, 6], stream=True, max_tokens=3)
+    shape = Shape(service, False, body, [[5, 6]], None, None)
+
+    async def run():
+        sink = asyncio.Queue()
+        for tok, text, fin in ((7, "a", None), (8, "b", None), (9, "c", "length")):
+            sink.put_nowait((0, StreamEvent(0, tok, text, fin)))
+        return [w async for w in service._stream([None], sink, shape, time.monotonic())]
+
+    writes = asyncio.run(run())
+    events = [w for w in writes if w.count("data: ") == 3]
+    assert len(events) == 1, writes
+    texts = [json.loads(e)["choices"][0]["text"] for e in events[0].split("data: ")[1:]]
+    assert texts == ["a", "b", "c"] and writes[-1] == "data: [DONE]\n\n"

@@ -35,8 +35,13 @@ class Metrics:
         Gauge("lowbit_model_info", "The served model", ["model_name"], registry=r).labels(model_name).set(1)
 
     def token(self, seconds: float, first: bool) -> None:
+        """One generated token, `seconds` after its sequence's previous one (or its arrival)."""
         (self.ttft if first else self.itl).observe(seconds)
-        self.generation_tokens.inc()
+
+    def generated(self, n: int) -> None:
+        """n tokens generated (counted once per hand-over: the counter's lock is taken once)."""
+        if n:
+            self.generation_tokens.inc(n)
 
     def scheduler(self, waiting: int, running: int, engine) -> None:
         self.waiting.set(waiting)

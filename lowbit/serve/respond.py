@@ -23,6 +23,7 @@ from .worker import Choice, PromptLogprobs, StreamEvent, WorkerDied
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # lowbit's finish reasons -> OpenAI's
 SEED_MOD = 2**64
 FINGERPRINT = f"lowbit-{__version__}"
+MAX_COALESCED = 64  # stream events written at once at most
 
 
 class Timeout(Exception):
@@ -257,14 +258,24 @@ class Responder:
             for chunk in shape.opening(len(reqs)):
                 yield _sse(chunk)
             while left:
-                i, ev = await self._next(sink, deadline)
-                if isinstance(ev, Exception):
-                    raise self._failure(ev)
-                chunk = shape.chunk(i, ev)
-                if chunk is not None:
-                    yield _sse(chunk)
-                if isinstance(ev, StreamEvent) and ev.finish_reason:
-                    left -= 1
+                # every event already queued goes out in one write: a stream that fell behind (a busy
+                # event loop, a stall) catches up with one send instead of one per token
+                events = [await self._next(sink, deadline)]
+                while not sink.empty() and len(events) < MAX_COALESCED:
+                    events.append(sink.get_nowait())
+                out = []
+                for i, ev in events:
+                    if isinstance(ev, Exception):
+                        if out:
+                            yield "".join(out)
+                        raise self._failure(ev)
+                    chunk = shape.chunk(i, ev)
+                    if chunk is not None:
+                        out.append(_sse(chunk))
+                    if isinstance(ev, StreamEvent) and ev.finish_reason:
+                        left -= 1
+                if out:
+                    yield "".join(out)
             finished = True
             self.metrics.latency.observe(time.monotonic() - arrival)
             if shape.body.stream_options is not None and shape.body.stream_options.include_usage:

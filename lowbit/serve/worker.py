@@ -258,6 +258,7 @@ class Worker:
         if not items:
             return
         now = time.monotonic()
+        tokens = 0
         for req, ev in items:
             if isinstance(ev, PromptLogprobs):
                 self._with_strings(ev.entries)
@@ -267,6 +268,9 @@ class Worker:
                 if self.metrics is not None:
                     self.metrics.token(now - (req.last_token or req.arrival), first=req.last_token is None)
                 req.last_token = now
+                tokens += 1
+        if self.metrics is not None:
+            self.metrics.generated(tokens)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_deliver, self, items)
 
