@@ -44,7 +44,7 @@ def ref(model_dir):
 @contextmanager
 def serving(app, on_fatal_exits: bool = True):
     """`app` under uvicorn on a free loopback port, in a background thread; yields the base URL."""
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # as the CLI's (TCP_NODELAY)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if on_fatal_exits:  # as the CLI does: a dead worker stops the server
