@@ -57,8 +57,8 @@ def create_app(model, served_model_name: str | None = None, max_batch: int = 16,
         worker.start()
         # Everything alive now (model, tokenizer, libraries: ~300k objects) lives as long as the
         # server: keep it out of the cyclic garbage collector, whose full passes over it stall every
-        # thread, the worker's decode loop included (175-213 ms each, measured on this process's
-        # objects on the CPU), which is what a stream sees as an inter-token-latency spike.
+        # thread, the worker's decode loop included (175-213 ms each for a server process with a tiny
+        # model, measured on a 2-core CPU), which a stream sees as an inter-token-latency spike.
         gc.collect()
         gc.freeze()
         yield
