@@ -72,7 +72,8 @@ def graph_launches(e, slot, steps: int = 64) -> None:
     g1, slot_ids, _ = graph
     slot_ids.copy_(torch.tensor([slot] + [e.cache.pad_slot] * (bucket - 1), device=slot_ids.device))
     e._graph_slots.pop(bucket, None)
-    g2, _ = capture_graph(lambda: e._decode_logits(slot_ids), e._pool)
+    with torch.inference_mode():  # as the engine captures its own
+        g2, _ = capture_graph(lambda: e._decode_logits(slot_ids), e._pool)
 
     def run(graphs, wait: bool):
         launch, prev = [], None
