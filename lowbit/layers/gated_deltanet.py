@@ -226,21 +226,23 @@ class GatedDeltaNet(nn.Module):
         token is computed as plain decoding computes it); every step's conv tail and recurrent state go
         to ctx.steps[layer_idx] as [T, B, *shape]; the slot's own state is not written."""
         bsz, t, _ = qkv.shape
-        # states[i] = after i tokens; the kernels update rows (i + 1) * B + b of the flat view in place
-        conv = cache["conv"][ctx.slots].unsqueeze(0).repeat(t + 1, 1, 1, 1)
-        ssm = cache["ssm"][ctx.slots].unsqueeze(0).repeat(t + 1, 1, 1, 1, 1)
+        # states[i] = after token i: each starts as a copy of the one before (the slot's, for i = 0) and
+        # the kernels update its rows i * B + b of the flat view in place
+        conv = cache["conv"].new_empty((t, bsz, *cache["conv"].shape[1:]))
+        ssm = cache["ssm"].new_empty((t, bsz, *cache["ssm"].shape[1:]))
         flat_conv, flat_ssm = conv.view(-1, *conv.shape[2:]), ssm.view(-1, *ssm.shape[2:])
         rows = torch.arange(bsz, device=qkv.device)
         outs = []
+        prev_conv, prev_ssm = cache["conv"][ctx.slots], cache["ssm"][ctx.slots]
         for i in range(t):
-            if i:
-                conv[i + 1], ssm[i + 1] = conv[i], ssm[i]
-            here = rows + (i + 1) * bsz
+            conv[i], ssm[i] = prev_conv, prev_ssm
+            prev_conv, prev_ssm = conv[i], ssm[i]
+            here = rows + i * bsz
             y = causal_conv1d_update(qkv[:, i], flat_conv, weight, None, "silu", here)
             q, k, v = y.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
             outs.append(gated_delta_rule_decode(q.view(bsz, self.num_k_heads, self.head_k_dim),
                                                 k.view(bsz, self.num_k_heads, self.head_k_dim),
                                                 v.view(bsz, self.num_v_heads, self.head_v_dim), a[:, i], b[:, i],
                                                 self.A_log, self.dt_bias, flat_ssm, here))
-        ctx.steps[self.layer_idx] = {"conv": conv[1:], "ssm": ssm[1:]}
+        ctx.steps[self.layer_idx] = {"conv": conv, "ssm": ssm}
         return torch.stack(outs, dim=1)
