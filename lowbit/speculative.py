@@ -26,7 +26,8 @@ and the token t_{i+1} that follows i, and predicts t_{i+2}. Per sequence (`MTPSp
 
 Sampling (temperature > 0) is refused: it needs rejection sampling against the draft distribution,
 which is not implemented. A step is pure device work over a slot list (captured in a CUDA graph per
-batch-size bucket on CUDA: see MTPSpeculator; eager, with a note, where capture fails); `stats` counts drafted and accepted tokens (the acceptance rate).
+batch-size bucket on CUDA: see MTPSpeculator; eager, with a note, where capture fails); `stats`
+counts drafted and accepted tokens (the acceptance rate).
 """
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ class Speculation:
             raise LowbitError(f"unknown speculative method {self.method!r}; the one supported is 'mtp'")
         if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
             raise LowbitError(f"--num-speculative-tokens must be a positive integer, got {self.num_tokens!r}")
+
+
+def room(num_tokens: int) -> int:
+    """Positions a step with `num_tokens` drafts may write past a sequence's length (verify k + 1,
+    then the head's k drafts): what the engine's max_len must leave free."""
+    return 2 * num_tokens + 1
 
 
 def check_greedy(params) -> None:
@@ -86,8 +93,7 @@ class MTPSpeculator:
         return self.stats["accepted"] / max(1, self.stats["drafted"])
 
     def room(self) -> int:
-        """Positions a step may write past a sequence's length (the engine's max_len needs them)."""
-        return 2 * self.k + 1
+        return room(self.k)
 
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
@@ -198,8 +204,8 @@ def run(model, seqs, params, max_new_tokens: int, stats: dict | None = None):
     given, receives the speculator's counters and acceptance rate."""
     check_greedy(params)
     spec = model.speculative
-    room = 2 * spec.num_tokens + 1
-    engine = model.engine(len(seqs), max(len(s.prompt) for s in seqs) + max(max_new_tokens, 1) + room)
+    longest = max(len(s.prompt) for s in seqs)
+    engine = model.engine(len(seqs), longest + max(max_new_tokens, 1) + room(spec.num_tokens))
     sp = getattr(engine, "speculator", None)  # kept with the engine: its graphs are captured once
     if sp is None or sp.k != spec.num_tokens:
         sp = engine.speculator = MTPSpeculator(engine, spec.num_tokens)

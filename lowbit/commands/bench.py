@@ -52,13 +52,13 @@ def run(args) -> int:
     if bool(args.path) == bool(args.synthetic):
         raise LowbitError("give a checkpoint PATH or --synthetic NAME (one of them)")
     from ..bench import bench, format_table
+    from .generate import check_speculative_options
 
     if args.tp < 1:
         raise LowbitError("--tp must be >= 1")
     if args.mtp_agree and not (args.synthetic and args.speculative):
         raise LowbitError("--mtp-agree draws a --synthetic model's MTP weights: give --synthetic NAME --speculative mtp")
-    if args.speculative and args.tp > 1:
-        raise LowbitError("--speculative mtp runs without tensor parallelism; drop --tp or --speculative")
+    check_speculative_options(args)
     if args.tp > 1:
         from .. import parallel
 

@@ -53,6 +53,18 @@ def add_speculative_options(p):
     p.add_argument("--num-speculative-tokens", type=int, default=1, help="drafts per step with --speculative")
 
 
+def check_speculative_options(args) -> None:
+    """Refuse --speculative settings before any loading (generate, bench)."""
+    if not args.speculative:
+        return
+    from ..errors import LowbitError
+    from ..speculative import Speculation
+
+    Speculation(args.speculative, args.num_speculative_tokens)
+    if args.tp > 1:
+        raise LowbitError("--speculative mtp runs without tensor parallelism; drop --tp or --speculative")
+
+
 def register(sub):
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("path", help="checkpoint directory")
@@ -78,14 +90,12 @@ def run(args) -> int:
 
     if args.max_new_tokens < 0:
         raise LowbitError("--max-new-tokens must be >= 0")
+    check_speculative_options(args)
     if args.speculative:
-        from ..speculative import Speculation, check_greedy
         from ..sampling import SamplingParams
+        from ..speculative import check_greedy
 
-        Speculation(args.speculative, args.num_speculative_tokens)
         check_greedy(SamplingParams(max(0.0, args.temperature)))
-        if args.tp > 1:
-            raise LowbitError("--speculative mtp runs without tensor parallelism; drop --tp or --speculative")
     args.prompt = read_prompts(args.prompt)
     try:
         from ..sampling import SamplingParams
