@@ -6,7 +6,7 @@
 #   MODEL=llama-3-8b SCHEME=nvfp4 OUT=out bash benchmarks/serve_gpu.sh
 set -u
 MODEL=${MODEL:-llama-3-8b}; SCHEME=${SCHEME:-nvfp4}; OUT=${OUT:-out}; PORT=${PORT:-8031}
-SEQS=${SEQS:-64}; REQS=${REQS:-256}; PROMPT=${PROMPT:-512}; GEN=${GEN:-128}
+SEQS=${SEQS:-64}; REQS=${REQS:-256}; PROMPT=${PROMPT:-512}; GEN=${GEN:-128}; CLIENTS=${CLIENTS:-4}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 tag="$MODEL-$SCHEME"
@@ -26,12 +26,12 @@ done
 url=http://127.0.0.1:$PORT
 extra=(); [ -n "$bench_tok_s" ] && extra=(--bench-tok-s "$bench_tok_s")
 timeout "${CAP_S:-150}" python3 benchmarks/serve.py --url "$url" --rates inf --requests "$REQS" --prompt-len "$PROMPT" \
-    --max-tokens "$GEN" "${extra[@]}" --json "$OUT/serve-cap-$tag.json" | tee "$OUT/serve-cap-$tag.txt"
+    --max-tokens "$GEN" --clients "$CLIENTS" "${extra[@]}" --json "$OUT/serve-cap-$tag.json" | tee "$OUT/serve-cap-$tag.txt"
 rate=$(python3 -c "
 import json; d = json.load(open('$OUT/serve-cap-$tag.json'))
 print(round(0.8 * d['rates'][0]['req_s'], 2))" 2>/dev/null || echo 4)
 echo "80% of capacity: $rate requests/s"
 timeout "${LOAD_S:-150}" python3 benchmarks/serve.py --url "$url" --rates "$rate" --requests "$REQS" --prompt-len "$PROMPT" \
-    --max-tokens "$GEN" "${extra[@]}" --prefix-probe --prefix-len 2048 --json "$OUT/serve-80-$tag.json" \
+    --max-tokens "$GEN" --clients "$CLIENTS" "${extra[@]}" --prefix-probe --prefix-len 2048 --json "$OUT/serve-80-$tag.json" \
     | tee "$OUT/serve-80-$tag.txt"
 python3 -c "import urllib.request as u; print(u.urlopen('$url/metrics').read().decode())" | grep -E "^lowbit_(prefix|kv|requests|queue)" | head -20
