@@ -170,7 +170,12 @@ def main(argv=None) -> int:
     rates = [d for d in lines if "rate" in d]
     probe = next((d for d in lines if "prefix_len" in d), None)
     rows = device.rows
+    # the best this workload allows against bench: its decode steps full, plus its prompts' chunks
+    decode_s = args.requests * args.max_tokens / args.seqs * args.decode_ms_n / 1000
+    chunks = -(-args.prompt_len // 512)  # the Scheduler's chunk size
+    prefill_s = args.requests * (chunks * args.chunk_ms / 1000 + args.prompt_len * args.prefill_us / 1e6)
     out = {"host_cpus": os.cpu_count(), "seqs": args.seqs, "modelled_bench_tok_s": round(bench_tok_s, 1),
+           "workload_ceiling_vs_bench": round(decode_s / (decode_s + prefill_s), 3),
            "decode_steps": len(rows), "mean_rows": round(sum(rows) / max(1, len(rows)), 1),
            # per rate: how busy the modelled device was between the clients' first send and last token
            "device_busy_share": [round(device.busy_within(r["start_clock"], r["start_clock"] + r["wall_s"])
