@@ -120,12 +120,12 @@ async def run_rate(client, args, model: str, rate: float, requests: int, max_tok
     n = max(1, min(args.clients, requests))
     jobs = [dict(url=args.url, api_key=args.api_key, timeout=args.timeout, model=model, rate=rate / n,
                  prompts=prompts[i::n], max_tokens=max_tokens, seed=rng.randrange(2**32)) for i in range(n)]
-    served = await server_tokens(client)
+    served = await server_tokens(args.url)
     if n == 1:
         parts = [await drive(**jobs[0])]
     else:
         parts = await asyncio.to_thread(drive_in_processes, jobs)
-    served = None if served is None else (await server_tokens(client) or 0) - served
+    served = None if served is None else (await server_tokens(args.url) or 0) - served
     results = [r for p in parts for r in p["results"]]
     start = min(p["start"] for p in parts)
     ok = [r for r in results if "error" not in r]
@@ -149,10 +149,13 @@ async def run_rate(client, args, model: str, rate: float, requests: int, max_tok
             "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99))}
 
 
-async def server_tokens(client) -> float | None:
+async def server_tokens(url: str) -> float | None:
     """lowbit_generation_tokens_total from the server's /metrics (None: not a lowbit server)."""
     try:
-        r = await client._client.get(str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics")
+        import httpx
+
+        async with httpx.AsyncClient() as http:
+            r = await http.get(url.rstrip("/") + "/metrics")
         for line in r.text.splitlines():
             if line.startswith("lowbit_generation_tokens_total "):
                 return float(line.split()[1])
