@@ -4,7 +4,6 @@ real `openai` client.
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ import uvicorn
 
 import lowbit
 from lowbit import demo
+from lowbit.commands.serve import _listen
 from lowbit.serve import create_app
 from tiny_models import make_tiny
 
@@ -41,11 +41,18 @@ def ref(model_dir):
     return lowbit.load(model_dir, device="cpu", dtype="float32", progress=False)
 
 
+def wait_until(condition, seconds: float) -> None:
+    """Poll `condition` until it holds; fail the test if it does not within `seconds`."""
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"not within {seconds} s"
+        time.sleep(0.005)
+
+
 @contextmanager
 def serving(app, on_fatal_exits: bool = True):
     """`app` under uvicorn on a free loopback port, in a background thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # as the CLI's (TCP_NODELAY)
-    sock.bind(("127.0.0.1", 0))
+    sock = _listen("127.0.0.1", 0)  # the CLI's listening socket (TCP_NODELAY on its connections)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if on_fatal_exits:  # as the CLI does: a dead worker stops the server
         app.state.service.worker.on_fatal = lambda error: setattr(server, "should_exit", True)

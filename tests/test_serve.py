@@ -14,19 +14,18 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 import lowbit
 from lowbit import synthetic
 from lowbit.cli import main as cli_main
 from lowbit.serve import create_app
-from serve_helpers import MAX_LEN, PROMPTS, client, error_of, model_dir, one_thread, ref, server, serving  # noqa: F401
+from serve_helpers import (MAX_LEN, PROMPTS, client, error_of, model_dir, one_thread, ref, server,  # noqa: F401
+                           serving, wait_until)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,10 +242,8 @@ def test_a_failed_step_fails_its_requests_not_the_server(server, client, monkeyp
     assert "device lost" not in last
     monkeypatch.undo()
     assert client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=4).usage.completion_tokens > 0
-    deadline = time.time() + 10  # a sequence ended by a stop token frees its slot one step after its answer
-    while engine.free_slots < engine.num_slots:
-        assert time.time() < deadline
-        time.sleep(0.005)
+    # a sequence ended by a stop token frees its slot one step after its answer
+    wait_until(lambda: engine.free_slots == engine.num_slots, 10)
 
 
 def test_model_without_chat_template(model_dir, tmp_path):

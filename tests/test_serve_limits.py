@@ -21,7 +21,7 @@ import pytest
 import lowbit
 from lowbit.serve import create_app
 from lowbit.serve.app import DEFAULT_MAX_BODY
-from serve_helpers import MAX_LEN, error_of, model_dir, one_thread, ref, serving  # noqa: F401
+from serve_helpers import MAX_LEN, error_of, model_dir, one_thread, ref, serving, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,10 +205,7 @@ def test_queue_full_is_429_and_frees_up(limited, client, monkeypatch):
     threads = [threading.Thread(target=long_request) for _ in range(3)]  # 2 slots + 1 waiting: full
     for t in threads:
         t.start()
-    deadline = time.time() + 20
-    while service.worker.outstanding < 3:
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: service.worker.outstanding >= 3, 20)
     r = post(url, "/v1/completions", {"prompt": "B", "max_tokens": 2})
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
     r = post(url, "/v1/completions", {"prompt": ["B", "C"], "max_tokens": 2, "n": 3})  # 6 > capacity 3: never fits
@@ -231,10 +228,7 @@ def test_request_timeout(model_dir, monkeypatch):
         with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}) as r:
             lines = [line for line in r.iter_lines() if line]
         assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == "timeout"
-        deadline = time.time() + 10
-        while service.worker.engine.free_slots < 2:  # the timed-out sequences were cancelled
-            assert time.time() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: service.worker.engine.free_slots >= 2, 10)  # the timed-out sequences were cancelled
         assert post(url, "/v1/completions", {"prompt": "A", "max_tokens": 2}).status_code == 200
 
 
