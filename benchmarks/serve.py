@@ -114,7 +114,7 @@ def drive_in_processes(jobs: list[dict]) -> list[dict]:
     return parts
 
 
-async def run_rate(client, args, model: str, rate: float, requests: int, max_tokens: int, rng: random.Random) -> dict:
+async def run_rate(args, model: str, rate: float, requests: int, max_tokens: int, rng: random.Random) -> dict:
     """`requests` requests at `rate` per second in all, spread over --clients processes."""
     prompts = [[rng.randrange(3, args.vocab) for _ in range(args.prompt_len)] for _ in range(requests)]
     n = max(1, min(args.clients, requests))
@@ -192,9 +192,9 @@ async def main_async(args) -> dict:
     rng = random.Random(args.seed)
     out = {"url": args.url, "model": model, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
            "rates": []}
-    await run_rate(client, args, model, math.inf, min(2, args.requests), 2, rng)  # warm-up
+    await run_rate(args, model, math.inf, min(2, args.requests), 2, rng)  # warm-up
     for rate in args.rates:
-        res = await run_rate(client, args, model, rate, args.requests, args.max_tokens, rng)
+        res = await run_rate(args, model, rate, args.requests, args.max_tokens, rng)
         if args.bench_tok_s:
             res["vs_bench_decode"] = round(res["output_tok_s"] / args.bench_tok_s, 3)
         print(json.dumps(res), flush=True)

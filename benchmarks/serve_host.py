@@ -1,14 +1,16 @@
 """The server's host ceiling, measured without a GPU: `lowbit serve`'s whole host path (HTTP, the
-OpenAI layer, the worker thread, the Scheduler, the engine's slot and block bookkeeping, streaming)
-under the same load as benchmarks/serve.py, with the model's forward replaced by a stand-in GPU: each
-decode step or prompt chunk is "ready" a modelled time after the previous one (work queues on one
-stream, as on a GPU), and reading its tokens waits until then, releasing the GIL as a CUDA event does.
+OpenAI layer, the worker thread, the Scheduler, the engine's own decode and extend with their slot,
+block, prefix-cache and sampling work, streaming) under the same load as benchmarks/serve.py, with
+only the model's forward replaced (StandInNet) and a modelled device's timing on the engine's
+tokens: each decode step or prompt chunk is "ready" a modelled time after the previous one (work
+queues on one stream, as on a GPU), and reading its tokens waits until then, releasing the GIL as a
+CUDA event does.
 
 It answers: with this host (its CPU, Python, the process's threads), what share of the modelled
 device time does the server keep busy, and what throughput does that give against `lowbit bench`'s
 batch-N decode (N / step time)? A share near 1 says the remaining gap on the GPU is the device's or
-the engine's own launches (not modelled here); a share well below 1 is host overhead this script can
-profile (--profile: yappi, wall time per function of the worker and event-loop threads).
+the cost of launching its kernels (not modelled here); a share well below 1 is host overhead this
+script can profile (--profile: yappi, CPU time per function of the worker and event-loop threads).
 
 The default step times are the H200 figures of docs/benchmarks.md for synthetic Llama-3-8B NVFP4
 (batch 1: 4.1 ms, batch 64: 9.35 ms; prefill ~32 us a token).
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -46,66 +47,76 @@ def thread_cpu() -> dict[str, float]:
 
 
 class StandInTokens:
-    """Tokens of a modelled step: `get` waits (GIL released) until the modelled device is done."""
+    """A step's tokens as the modelled device delivers them: `get` waits (GIL released, as a CUDA
+    event's wait) until the modelled device is done, then reads the engine's own tokens."""
 
-    def __init__(self, n: int, ready: float, token: int):
-        self.n, self.ready, self.token = n, ready, token
+    def __init__(self, tokens, ready: float):
+        self.tokens, self.ready = tokens, ready
 
     def get(self) -> list[int]:
         wait = self.ready - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        return [self.token] * self.n
+        return self.tokens.get()
+
+
+class StandInNet:
+    """The model's forward, replaced: hidden states of the right shape (zeros) and logits that pick
+    `token`, so the engine's own code (slots, blocks, prefix cache, sampling) runs around it."""
+
+    def __init__(self, net, hidden_size: int, vocab_size: int, token: int):
+        self.net, self.hidden_size, self.vocab_size, self.token = net, hidden_size, vocab_size, token
+
+    def __getattr__(self, name):  # what the engine reads of the network (cache specs, graph safety)
+        return getattr(self.net, name)
+
+    def __call__(self, x, positions, ctx=None):
+        return torch.zeros(*x.shape, self.hidden_size)
+
+    def compute_logits(self, hidden):
+        logits = hidden.new_zeros(*hidden.shape[:-1], self.vocab_size)
+        logits[..., self.token] = 1.0
+        return logits
 
 
 class StandInDevice:
-    """Replaces an Engine's forward (decode and extend) by modelled step times; keeps its real slot,
-    block-table and prefix-cache bookkeeping."""
+    """Runs an Engine's decode and extend as they are, on a stand-in forward, and gives their tokens
+    the modelled device's timing: work queues as on one stream, each step or chunk ready its modelled
+    time after the one before."""
 
     def __init__(self, engine, decode_ms_1: float, decode_ms_n: float, n: int, prefill_us: float,
                  chunk_ms: float, token: int = 7):
-        self.engine, self.token = engine, token
+        self.engine = engine
         self.decode_ms_1, self.decode_ms_n, self.n = decode_ms_1, decode_ms_n, n
         self.prefill_us, self.chunk_ms = prefill_us, chunk_ms
         self.free_at = time.perf_counter()  # when the modelled device finishes what is queued
         self.rows: list[int] = []  # rows of each decode step
         self.work: list[tuple[float, float]] = []  # (start, end) of each queued step or chunk
+        config = engine.model.config
+        engine.net = StandInNet(engine.net, config.hidden_size, config.vocab_size, token)
+        self._decode, self._extend = engine.decode, engine.extend
         engine.decode, engine.extend = self.decode, self.extend
 
     def busy_within(self, t0: float, t1: float) -> float:
         return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in self.work)
 
-    def _queue(self, seconds: float, rows: int = 0) -> float:
+    def _queue(self, seconds: float) -> float:
         start = max(self.free_at, time.perf_counter())
         self.free_at = start + seconds
         self.work.append((start, self.free_at))
-        if rows:
-            self.rows.append(rows)
         return self.free_at
 
     def decode(self, slots, params, generator=None):
-        e, b = self.engine, len(slots)
-        e._grow(slots, [e.lengths[s] + 1 for s in slots])
-        for s in slots:
-            e.lengths[s] += 1
+        b = len(slots)
+        tokens = self._decode(slots, params, generator)
+        self.rows.append(b)
         ms = self.decode_ms_1 + (self.decode_ms_n - self.decode_ms_1) * (b - 1) / max(1, self.n - 1)
-        return StandInTokens(b, self._queue(ms / 1000, b), self.token)
+        return StandInTokens(tokens, self._queue(ms / 1000))
 
     def extend(self, slot, ids, params=None, generator=None, sample_next=True, on_hidden=None):
-        e = self.engine
-        start, t = e.lengths[slot], len(ids)
-        e._grow([slot], [start + t])
-        e.lengths[slot] = start + t
-        if slot in e._prompt:
-            e._prompt[slot] += list(ids)
-            e.blocks.register(slot, e._prompt[slot])
-        if on_hidden is not None:
-            raise SystemExit("serve_host.py models no hidden states: send no prompt-logprob requests")
-        ready = self._queue(self.chunk_ms / 1000 + t * self.prefill_us / 1e6)
-        if not sample_next:
-            return None
-        e._prompt.pop(slot, None)
-        return StandInTokens(1, ready, self.token)
+        tokens = self._extend(slot, ids, params, generator, sample_next=sample_next, on_hidden=on_hidden)
+        ready = self._queue(self.chunk_ms / 1000 + len(ids) * self.prefill_us / 1e6)
+        return None if tokens is None else StandInTokens(tokens, ready)
 
 
 def main(argv=None) -> int:
@@ -122,13 +133,15 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-us", type=float, default=32.0, help="modelled prefill time a prompt token (us)")
     p.add_argument("--chunk-ms", type=float, default=0.5, help="modelled fixed cost of a prompt chunk (ms)")
     p.add_argument("--prefix-probe", action="store_true", help="also serve.py's prefix probe (2k-token shared prefix)")
-    p.add_argument("--profile", action="store_true", help="yappi wall-time profile of the server's threads")
+    p.add_argument("--profile", action="store_true", help="yappi CPU-time profile of the server's threads")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
     import uvicorn
 
     from lowbit import synthetic
+    from lowbit.commands.serve import _listen
+    from lowbit.generate import CHUNK_SIZE
     from lowbit.serve import create_app
 
     model = synthetic.build("tiny", "bf16", device="cpu", dtype=torch.float32, seed=0)
@@ -136,8 +149,7 @@ def main(argv=None) -> int:
     app = create_app(model, "tiny", max_batch=args.seqs, max_len=max_len)
     device = StandInDevice(app.state.service.worker.engine, args.decode_ms_1, args.decode_ms_n, args.seqs,
                            args.prefill_us, args.chunk_ms)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # as the CLI's
-    sock.bind(("127.0.0.1", 0))
+    sock = _listen("127.0.0.1", 0)  # the CLI's listening socket
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -172,7 +184,7 @@ def main(argv=None) -> int:
     rows = device.rows
     # the best this workload allows against bench: its decode steps full, plus its prompts' chunks
     decode_s = args.requests * args.max_tokens / args.seqs * args.decode_ms_n / 1000
-    chunks = -(-args.prompt_len // 512)  # the Scheduler's chunk size
+    chunks = -(-args.prompt_len // CHUNK_SIZE)
     prefill_s = args.requests * (chunks * args.chunk_ms / 1000 + args.prompt_len * args.prefill_us / 1e6)
     out = {"host_cpus": os.cpu_count(), "seqs": args.seqs, "modelled_bench_tok_s": round(bench_tok_s, 1),
            "workload_ceiling_vs_bench": round(decode_s / (decode_s + prefill_s), 3),

@@ -28,6 +28,8 @@ from .sampling import (SamplingParams, SequenceSampler, TokenLogprobs, _to_host,
                        to_token_logprobs)
 
 PROMPT_LOGITS_ROWS = 512  # prompt logprobs: rows of logits made at once (a [rows, V] float32 block)
+TOKEN_BUDGET = 2048  # the Scheduler's default tokens per step
+CHUNK_SIZE = 512  # the Scheduler's default prompt-chunk cuts
 
 
 @dataclass
@@ -199,7 +201,7 @@ class Scheduler:
     is computed the same way whatever else runs).
     """
 
-    def __init__(self, engine, token_budget: int | None = 2048, chunk_size: int = 512):
+    def __init__(self, engine, token_budget: int | None = TOKEN_BUDGET, chunk_size: int = CHUNK_SIZE):
         self.engine = engine
         self.token_budget, self.chunk_size = token_budget, chunk_size
         self.waiting: deque[Sequence] = deque()
